@@ -1,0 +1,43 @@
+"""One exception family, so the CLI can turn any expected failure into one clear line.
+
+Every error raised on bad user input derives from :class:`EigenDamageError`; its message
+says what went wrong, where (file, layer, option) and what to do about it.  Anything else
+reaching the CLI is a bug and is shown with its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class EigenDamageError(Exception):
+    """Base class for errors caused by user input or environment, not by bugs."""
+
+
+class ConfigError(EigenDamageError):
+    """A config value, option or combination of options is invalid."""
+
+
+class DataError(EigenDamageError):
+    """A dataset is missing, unreadable, corrupt or laid out wrongly."""
+
+
+class ModelError(EigenDamageError):
+    """A model cannot be built, loaded or pruned as asked."""
+
+
+class CurvatureError(EigenDamageError):
+    """Curvature could not be estimated (non-finite loss or factors, singular factors)."""
+
+
+class OutputExistsError(EigenDamageError):
+    """An output directory exists and would be overwritten."""
+
+
+def unknown_name(kind: str, name: str, choices: Iterable[str]) -> str:
+    """Message for an unknown name, with the closest valid names as a hint."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {kind} {name!r}.{hint} Choose one of: {', '.join(choices)}."

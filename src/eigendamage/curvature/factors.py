@@ -10,7 +10,8 @@ Scale convention (fixed for every layer so that scores rank globally):
 
 With this convention ``A (x) S`` estimates the per-example Fisher ``E_n[vec(G_n) vec(G_n)^T]``
 of the weight gradient ``G_n = sum_t g_{n,t} a_{n,t}^T`` (exactly, for a Linear layer
-and one example), i.e. the KFC approximation of Grosse & Martens (2016).
+and one example), i.e. the KFC approximation of Grosse & Martens (2016).  In the row-major
+order of ``weight.flatten()`` (bias as a last column) the Fisher block is ``kron(S, A)``.
 
 For a grouped convolution (``groups > 1``) the factors carry a leading group dimension:
 ``A`` is ``(groups, d_in/groups, d_in/groups)`` and ``S`` is

@@ -1,0 +1,235 @@
+"""The one pass over data that every curvature statistic shares.
+
+For each batch the model runs forward once (in eval mode, so BatchNorm uses its running
+statistics and examples are independent); forward hooks keep each target layer's input
+and output.  The loss is the *sum* over examples of the per-example negative
+log-likelihood, so ``d loss / d output`` at example ``n`` is exactly the gradient of that
+example's own loss.  Gradients are taken with :func:`torch.autograd.grad` with respect
+to the layer outputs only: parameters' ``.grad`` are never touched and no weight-gradient
+GEMMs are spent.
+
+For the *true* Fisher the labels are sampled from the model's own predictive distribution
+(``samples`` draws per input, one backward each); for the *empirical* Fisher the dataset
+labels are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, CurvatureError, ModelError
+
+FISHER_TYPES = ("true", "empirical")
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class LayerCall:
+    """One call of a target layer in one batch: its input and the gradient at its output."""
+
+    inputs: torch.Tensor
+    grad_output: torch.Tensor
+
+
+def resolve_targets(
+    model: nn.Module, modules: Iterable[str] | Iterable[nn.Module] | None
+) -> dict[str, nn.Module]:
+    """Map names to the Linear/Conv2d layers to collect on (all of them by default)."""
+    named = dict(model.named_modules())
+    if modules is None:
+        targets = {n: m for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)}
+    else:
+        by_id = {id(m): n for n, m in named.items()}
+        targets = {}
+        for item in modules:
+            name = item if isinstance(item, str) else by_id.get(id(item))
+            if name is None or name not in named:
+                raise ModelError(f"layer {item!r} is not a submodule of the model")
+            if not isinstance(named[name], SUPPORTED_LAYERS):
+                raise ModelError(
+                    f"layer {name!r} is a {type(named[name]).__name__}; curvature is "
+                    "estimated for nn.Linear and nn.Conv2d layers only"
+                )
+            targets[name] = named[name]
+    if not targets:
+        raise ModelError(
+            "the model has no nn.Linear or nn.Conv2d layer: there is nothing to estimate "
+            "curvature for or to prune"
+        )
+    return targets
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def to_device(batch: object, device: torch.device) -> object:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def call_model(model: nn.Module, inputs: object) -> torch.Tensor:
+    """Run the model on a batch's inputs and return its logits."""
+    if isinstance(inputs, dict):
+        out = model(**inputs)
+    elif isinstance(inputs, (list, tuple)):
+        out = model(*inputs)
+    else:
+        out = model(inputs)
+    return logits_of(out)
+
+
+def logits_of(out: object) -> torch.Tensor:
+    """Logits from a plain tensor, a HF-style output with ``.logits`` or a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ModelError(
+        f"cannot find logits in a model output of type {type(out).__name__}; "
+        "return a tensor, a tuple starting with the logits, or an object with .logits"
+    )
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, restoring every submodule's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _sampled_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over examples (and tokens) of the negative log-likelihood of ``labels``."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # low-precision logits: take the loss in fp32
+    return F.cross_entropy(flat, labels.reshape(-1), reduction="sum", ignore_index=-100)
+
+
+def iterate_layer_calls(
+    model: nn.Module,
+    loader: Iterable,
+    targets: dict[str, nn.Module],
+    *,
+    fisher: str = "true",
+    batches: int | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[int, dict[str, list[LayerCall]]]]:
+    """Yield ``(num_examples, {layer name: [LayerCall, ...]})`` per batch and label draw.
+
+    A layer called several times in one forward (weight sharing) yields one LayerCall per
+    call; callers treat each call as extra locations of the same layer.
+    """
+    if fisher not in FISHER_TYPES:
+        raise ConfigError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if samples < 1:
+        raise ConfigError(f"samples must be >= 1, got {samples}")
+    if fisher == "empirical" and samples != 1:
+        raise ConfigError("the empirical Fisher uses the dataset labels: samples must be 1")
+    if batches is not None and batches < 1:
+        raise ConfigError(f"batches must be >= 1 or None, got {batches}")
+    device = torch.device(device) if device is not None else model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in targets}
+    zero = torch.zeros((), device=device, requires_grad=True)
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not output.requires_grad:
+                # Frozen layers (requires_grad=False everywhere upstream): route the output
+                # through a graph node so d loss / d output still exists. Flags untouched.
+                output = output + zero
+            records[name].append((args[0].detach(), output))
+            return output
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in targets.items()]
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for step, batch in enumerate(loader):
+                if batches is not None and step >= batches:
+                    break
+                inputs, labels = _split_batch(batch, step)
+                inputs = to_device(inputs, device)
+                for calls in records.values():
+                    calls.clear()
+                logits = call_model(model, inputs)
+                if not torch.isfinite(logits).all():
+                    raise CurvatureError(
+                        f"non-finite loss: the model output holds NaN/Inf in batch {step}; "
+                        "check the inputs for NaN/Inf and that the model is trained"
+                    )
+                outputs = [out for n in targets for _, out in records[n]]
+                if not outputs:
+                    raise ModelError("no target layer was called in the forward pass")
+                if fisher == "empirical":
+                    draws = [to_device(labels, device)]
+                else:
+                    with torch.no_grad():
+                        probs = torch.softmax(logits.detach().float(), dim=-1)
+                        flat = probs.reshape(-1, probs.shape[-1])
+                        draws = [
+                            torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+                            for _ in range(samples)
+                        ]
+                for k, drawn in enumerate(draws):
+                    loss = _sampled_nll(logits, drawn)
+                    if not torch.isfinite(loss):
+                        raise CurvatureError(
+                            f"non-finite loss ({loss.item()}) in batch {step}: check the "
+                            "inputs for NaN/Inf and that the model is trained"
+                        )
+                    grads = torch.autograd.grad(
+                        loss, outputs, retain_graph=k < len(draws) - 1, allow_unused=True
+                    )
+                    per_layer: dict[str, list[LayerCall]] = {}
+                    it = iter(grads)
+                    for n in targets:
+                        per_layer[n] = []
+                        for inp, out in records[n]:
+                            g = next(it)
+                            if g is None:
+                                g = torch.zeros_like(out)
+                            per_layer[n].append(LayerCall(inp, g.detach()))
+                    yield logits.shape[0], per_layer
+    finally:
+        for h in handles:
+            h.remove()
+        for calls in records.values():
+            calls.clear()
+
+
+def _split_batch(batch: object, step: int) -> tuple[object, object]:
+    if isinstance(batch, dict) and "labels" in batch:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ConfigError(
+        f"batch {step} of the loader is a {type(batch).__name__}; expected (inputs, targets) "
+        "pairs or a dict with 'labels'"
+    )

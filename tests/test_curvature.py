@@ -1,0 +1,288 @@
+"""K-FAC against independent references: exact Fisher blocks from torch.func, explicit
+unfolding, closed forms, and the promise not to disturb the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from eigendamage.curvature import batched_eigh, collect_kfac, eigendecompose
+from eigendamage.errors import ConfigError, CurvatureError, ModelError
+
+torch.set_default_dtype(torch.float64)
+
+
+def loader_of(x, y, batch_size=None):
+    batch_size = batch_size or len(x)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def per_example_grads(model, x, y):
+    """Per-example gradients of the per-example loss w.r.t. every parameter (torch.func)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0), reduction="sum")
+
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def weight_with_bias(grads, prefix):
+    """Per-example [W | b] (N, out, in(+1)); its row-major flattening is the order in which
+    the Fisher block is kron(S, A)."""
+    w = grads[f"{prefix}.weight"].flatten(2)
+    b = grads.get(f"{prefix}.bias")
+    return torch.cat([w, b.unsqueeze(-1)], -1) if b is not None else w
+
+
+def exact_fisher_block(model, x, y, prefix):
+    g = per_example_grads(model, x, y)
+    gw = weight_with_bias(g, prefix).flatten(1)  # (N, params of the layer)
+    return gw.T @ gw / len(x)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def test_linear_layers_single_example_equal_exact_fisher():
+    """With one example K-FAC is exact for every Linear layer of a deep net."""
+    model = mlp()
+    x, y = torch.randn(1, 5), torch.tensor([2])
+    factors = collect_kfac(model, loader_of(x, y), fisher="empirical", dtype=torch.float64)
+    for name in ("0", "2"):
+        exact = exact_fisher_block(model, x, y, name)
+        kfac = torch.kron(factors[name].S, factors[name].A)
+        torch.testing.assert_close(kfac, exact, atol=1e-10, rtol=1e-8)
+
+
+def test_true_fisher_matches_exact_expectation_over_labels():
+    """True Fisher with many label draws -> the exact E_y over the model's distribution."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    torch.manual_seed(1)
+    x = torch.randn(1, 4)
+    probs = torch.softmax(model(x), -1)[0].detach()
+    exact = sum(
+        p * exact_fisher_block(model, x, torch.tensor([c]), "0") for c, p in enumerate(probs)
+    )
+    factors = collect_kfac(
+        model, loader_of(x, torch.tensor([0])), samples=4000, seed=3, dtype=torch.float64
+    )
+    kfac = torch.kron(factors["0"].S, factors["0"].A)
+    assert (kfac - exact).abs().max() < 0.05 * exact.abs().max()
+    # and the closed form of the logit-layer S: diag(p) - p p^T
+    torch.testing.assert_close(
+        factors["0"].S, torch.diag(probs) - torch.outer(probs, probs), atol=0.03, rtol=0
+    )
+
+
+def test_true_fisher_is_seeded():
+    model = mlp()
+    x = torch.randn(8, 5)
+    data = loader_of(x, torch.zeros(8, dtype=torch.long))
+    a = collect_kfac(model, data, seed=5)["2"].S
+    b = collect_kfac(model, data, seed=5)["2"].S
+    c = collect_kfac(model, data, seed=6)["2"].S
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def small_cnn(groups=1, stride=2, dilation=2, padding=1, padding_mode="zeros"):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(
+            4,
+            6,
+            3,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode,
+        ),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=groups, bias=False),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+
+
+def explicit_conv_factors(model, x, y, layer_index):
+    """A (patch and channel) and S of one conv computed by explicit unfolding + autograd."""
+    conv = model[layer_index]
+    h = x
+    for m in model[:layer_index]:
+        h = m(h)
+    out = conv(h)
+    out_leaf = out.detach().requires_grad_()
+    rest = out_leaf
+    for m in model[layer_index + 1 :]:
+        rest = m(rest)
+    loss = F.cross_entropy(rest, y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, out_leaf)
+    n, c = h.shape[:2]
+    g_ = conv.groups
+    pad = conv.padding
+    hp = F.pad(
+        h,
+        (pad[1], pad[1], pad[0], pad[0]),
+        mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode,
+    )
+    cols = F.unfold(hp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    t = cols.shape[-1]
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    a_patch, a_chan, s = [], [], []
+    for gi in range(g_):
+        cg = c // g_
+        u = cols.view(n, c, k, t)[:, gi * cg : (gi + 1) * cg]  # (n, cg, k, t)
+        up = u.reshape(n, cg * k, t).permute(0, 2, 1).reshape(-1, cg * k)
+        if conv.bias is not None:
+            up = torch.cat([up, torch.ones(len(up), 1)], 1)
+        a_patch.append(up.T @ up / (n * t))
+        uc = u.permute(0, 2, 3, 1).reshape(-1, cg)
+        a_chan.append(uc.T @ uc / (n * t * k))
+        og = conv.out_channels // g_
+        gg = g[:, gi * og : (gi + 1) * og].permute(0, 2, 3, 1).reshape(-1, og)
+        s.append(gg.T @ gg / n)
+    pick = (lambda lst: lst[0]) if g_ == 1 else torch.stack
+    return pick(a_patch), pick(a_chan), pick(s)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_conv_factors_equal_explicit_unfolding(groups, padding_mode):
+    model = small_cnn(groups=groups, padding_mode=padding_mode)
+    x, y = torch.randn(3, 4, 9, 9), torch.tensor([0, 2, 1])
+    model(x)  # materialise the lazy layer
+    patch = collect_kfac(model, loader_of(x, y), fisher="empirical", dtype=torch.float64)
+    chan = collect_kfac(
+        model, loader_of(x, y), fisher="empirical", conv_mode="channel", dtype=torch.float64
+    )
+    for idx in (0, 2):
+        a_patch, a_chan, s = explicit_conv_factors(model, x, y, idx)
+        torch.testing.assert_close(patch[str(idx)].A, a_patch)
+        torch.testing.assert_close(patch[str(idx)].S, s)
+        torch.testing.assert_close(chan[str(idx)].A, a_chan)
+        torch.testing.assert_close(chan[str(idx)].S, s)
+        assert patch[str(idx)].groups == groups
+
+
+def test_factors_stream_over_batches():
+    """Summing over batches equals one big batch (streaming, no stored activations)."""
+    model = small_cnn()
+    x, y = torch.randn(6, 4, 9, 9), torch.tensor([0, 2, 1, 1, 0, 2])
+    model(x)
+    one = collect_kfac(model, loader_of(x, y), fisher="empirical", dtype=torch.float64)
+    many = collect_kfac(model, loader_of(x, y, 2), fisher="empirical", dtype=torch.float64)
+    for k in one:
+        torch.testing.assert_close(one[k].A, many[k].A)
+        torch.testing.assert_close(one[k].S, many[k].S)
+
+
+def test_one_by_one_conv_on_one_pixel_equals_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    conv = nn.Conv2d(5, 3, 1)
+    conv.weight.data = lin.weight.data.view(3, 5, 1, 1).clone()
+    conv.bias.data = lin.bias.data.clone()
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 1])
+    f_lin = collect_kfac(nn.Sequential(lin), loader_of(x, y), seed=1)["0"]
+    conv_model = nn.Sequential(conv, nn.Flatten())
+    f_conv = collect_kfac(conv_model, loader_of(x.view(4, 5, 1, 1), y), seed=1)["0"]
+    torch.testing.assert_close(f_lin.A, f_conv.A)
+    torch.testing.assert_close(f_lin.S, f_conv.S)
+
+
+def test_diagonal_fisher_equals_per_example_gradients():
+    model = small_cnn(groups=2)
+    x, y = torch.randn(3, 4, 9, 9), torch.tensor([0, 2, 1])
+    model(x)
+    factors = collect_kfac(
+        model, loader_of(x, y), fisher="empirical", diag=True, dtype=torch.float64
+    )
+    g = per_example_grads(model, x, y)
+    for name in ("0", "2", "4"):
+        w = g[f"{name}.weight"].flatten(2)
+        b = g.get(f"{name}.bias")
+        if b is not None:
+            w = torch.cat([w, b.unsqueeze(-1)], -1)
+        torch.testing.assert_close(factors[name].extra["diag"], w.square().mean(0))
+
+
+def test_model_state_untouched():
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)
+    )
+    model.train()
+    model[4].weight.requires_grad_(False)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    bn_before = model[1].running_mean.clone(), model[1].num_batches_tracked.clone()
+    params_before = [p.clone() for p in model.parameters()]
+    x, y = torch.randn(5, 2, 4, 4), torch.tensor([0, 1, 0, 1, 1])
+    collect_kfac(model, loader_of(x, y))
+    assert model.training and all(m.training for m in model.modules())
+    assert not model[4].weight.requires_grad and model[4].bias.requires_grad
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert model[0].bias.grad is None
+    assert torch.equal(model[1].running_mean, bn_before[0])
+    assert torch.equal(model[1].num_batches_tracked, bn_before[1])
+    assert all(torch.equal(a, b) for a, b in zip(params_before, model.parameters(), strict=True))
+
+
+def test_frozen_model_still_gets_factors():
+    model = mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 5)
+    f = collect_kfac(model, loader_of(x, torch.zeros(4, dtype=torch.long)))
+    assert f["0"].S.abs().sum() > 0
+
+
+def test_eigendecomposition_reconstructs_and_batches():
+    model = small_cnn()
+    x, y = torch.randn(3, 4, 9, 9), torch.tensor([0, 2, 1])
+    model(x)
+    factors = collect_kfac(model, loader_of(x, y), dtype=torch.float64)
+    kfe = eigendecompose(factors)
+    for name, f in factors.items():
+        e = kfe[name]
+        torch.testing.assert_close(e.A.Q @ torch.diag(e.A.lam) @ e.A.Q.T, f.A, atol=1e-8, rtol=0)
+        torch.testing.assert_close(e.S.Q @ torch.diag(e.S.lam) @ e.S.Q.T, f.S, atol=1e-8, rtol=0)
+        assert (e.A.lam >= 0).all()
+        torch.testing.assert_close(e.diag, torch.outer(e.S.lam, e.A.lam))
+    mats = [f.A for f in factors.values()] + [f.S for f in factors.values()]
+    batched = batched_eigh(mats, batched=True)
+    seq = batched_eigh(mats, batched=False)
+    for (l1, _), (l2, _) in zip(batched, seq, strict=True):
+        torch.testing.assert_close(l1, l2)
+
+
+def test_damping_is_relative():
+    model = mlp()
+    x = torch.randn(8, 5)
+    factors = collect_kfac(model, loader_of(x, torch.zeros(8, dtype=torch.long)))
+    plain = eigendecompose(factors)["0"].A.lam
+    damped = eigendecompose(factors, damping=0.1)["0"].A.lam
+    torch.testing.assert_close(damped, plain + 0.1 * plain.mean())
+
+
+def test_errors_are_specific():
+    model = mlp()
+    x, y = torch.randn(4, 5), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="fisher"):
+        collect_kfac(model, loader_of(x, y), fisher="typo")
+    with pytest.raises(ModelError, match="no nn.Linear"):
+        collect_kfac(nn.Sequential(nn.ReLU()), loader_of(x, y))
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(CurvatureError, match="non-finite loss"):
+        collect_kfac(model, loader_of(bad, y))
+    with pytest.raises(CurvatureError, match="no batches"):
+        collect_kfac(model, [])
+    with pytest.raises(ModelError, match="not a submodule"):
+        collect_kfac(model, loader_of(x, y), modules=["nope"])

@@ -1,0 +1,178 @@
+"""Tiny-ImageNet (200 classes, 64x64 RGB) from its official folder layout.
+
+The official validation images have labels and the test images do not, so the official
+val set serves as our TEST set and a stratified 10% of train as our validation set.
+Class indices follow the sorted wnids (the order ``ImageFolder`` on ``train/`` would give).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from eigendamage.errors import DataError
+
+from .common import (
+    IMAGE_EXTENSIONS,
+    DataSpec,
+    FileSource,
+    ImageDataset,
+    check_fraction,
+    resolve_root,
+    stratified_partition,
+)
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FitSize,
+    PadRandomCrop,
+    Pipeline,
+    RandomHorizontalFlip,
+)
+
+FOLDER = "tiny-imagenet-200"
+SIZE = (64, 64)
+
+
+def _find(root: Path) -> Path:
+    if (root / "wnids.txt").is_file():
+        return root
+    if (root / FOLDER).is_dir():
+        base = root / FOLDER
+        if not (base / "wnids.txt").is_file():
+            raise DataError(f"missing {base / 'wnids.txt'} (the list of Tiny-ImageNet classes).")
+        return base
+    raise DataError(
+        f"no Tiny-ImageNet data in {root}: expected {FOLDER}/ (with wnids.txt, train/, val/) "
+        "there, or pass that folder itself as the data root."
+    )
+
+
+def _read_text(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def _wnids(base: Path) -> list[str]:
+    path = base / "wnids.txt"
+    wnids = [line.strip() for line in _read_text(path) if line.strip()]
+    if not wnids:
+        raise DataError(f"{path} lists no classes.")
+    if len(set(wnids)) != len(wnids):
+        dup = next(w for w in wnids if wnids.count(w) > 1)
+        raise DataError(f"{path} lists class {dup} twice.")
+    return sorted(wnids)
+
+
+def _words(base: Path, wnids: list[str]) -> tuple[str, ...]:
+    """Human-readable class names from the optional words.txt; the wnid where absent."""
+    path = base / "words.txt"
+    words: dict[str, str] = {}
+    if path.is_file():
+        for line in _read_text(path):
+            wnid, _, text = line.partition("\t")
+            if text:
+                words[wnid.strip()] = text.strip()
+    return tuple(words.get(w, w) for w in wnids)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    with os.scandir(folder) as entries:
+        return sorted(
+            Path(e.path)
+            for e in entries
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+
+
+def _train_files(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
+    train = base / "train"
+    if not train.is_dir():
+        raise DataError(f"missing folder {train} (expected train/<wnid>/images/*.JPEG).")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, wnid in enumerate(wnids):
+        folder = train / wnid / "images"
+        if not folder.is_dir():
+            folder = train / wnid  # tolerate images placed directly in the class folder
+        if not folder.is_dir():
+            raise DataError(f"missing class folder {train / wnid} (listed in wnids.txt).")
+        files = _images_in(folder)
+        if not files:
+            raise DataError(f"class folder {folder} has no images.")
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    return paths, labels
+
+
+def _val_files(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
+    images = base / "val" / "images"
+    annotations = base / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise DataError(f"missing {annotations} (labels of the Tiny-ImageNet val images).")
+    if not images.is_dir():
+        raise DataError(f"missing folder {images} (the Tiny-ImageNet val images).")
+    present = {p.name for p in _images_in(images)}
+    index = {w: i for i, w in enumerate(wnids)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    for number, line in enumerate(_read_text(annotations), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
+            raise DataError(
+                f"{annotations}, line {number}: malformed line {line!r}; expected tab-separated "
+                "'filename, wnid, x, y, w, h'."
+            )
+        name, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in index:
+            raise DataError(
+                f"{annotations}, line {number}: class {wnid!r} is not listed in wnids.txt."
+            )
+        if name not in present:
+            raise DataError(f"{annotations}, line {number}: image {images / name} does not exist.")
+        paths.append(images / name)
+        labels.append(index[wnid])
+    if not paths:
+        raise DataError(f"{annotations} lists no images.")
+    return paths, labels
+
+
+def load_tiny_imagenet_splits(
+    root: str | os.PathLike[str] | None,
+    *,
+    seed: int = 0,
+    augment: bool = True,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> tuple[ImageDataset, ImageDataset, ImageDataset, DataSpec]:
+    """(train, val, test, spec) with test = official val set, val = seeded 10% of train."""
+    check_fraction(val_fraction, "val_fraction")
+    base = _find(resolve_root(root, "tiny-imagenet", f"{FOLDER}/"))
+    wnids = _wnids(base)
+    train_paths, train_labels = _train_files(base, wnids)
+    test_paths, test_labels = _val_files(base, wnids)
+    val_idx, train_idx = stratified_partition(train_labels, [val_fraction], split_seed)
+    eval_tf = Pipeline([FitSize(SIZE)], IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = (
+        Pipeline(
+            [FitSize(SIZE), PadRandomCrop(SIZE[0], 4), RandomHorizontalFlip()],
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+        )
+        if augment
+        else eval_tf
+    )
+    source = FileSource(train_paths, train_labels)
+    spec = DataSpec("tiny-imagenet", len(wnids), 3, SIZE, _words(base, wnids))
+    return (
+        ImageDataset(source, train_idx, train_tf, seed=seed),
+        ImageDataset(source, val_idx, eval_tf, seed=seed),
+        ImageDataset(FileSource(test_paths, test_labels), np.arange(len(test_paths)), eval_tf),
+        spec,
+    )

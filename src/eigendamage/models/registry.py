@@ -1,0 +1,153 @@
+"""Name -> model builder registry (timm-style), plus ``torchvision:``/``timm:`` sources.
+
+Every model made by :func:`create_model` carries ``model.eigendamage_spec`` = ``{"name",
+"kwargs", "input_size"}`` so that a checkpoint of a pruned model can be rebuilt from its
+registry name before the pruned shapes are applied (:func:`create_from_spec`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from torch import nn
+
+from ..errors import ModelError, unknown_name
+
+SPEC_ATTR = "eigendamage_spec"
+SOURCES = ("torchvision", "timm")
+_FIXED = ("num_classes", "in_channels")
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: Callable[..., nn.Module]
+    input_size: tuple[int, int, int]  # default (C, H, W); C is the default in_channels
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(
+    name: str, *, input_size: tuple[int, int, int] = (3, 32, 32)
+) -> Callable[[F], F]:
+    """Register ``builder(num_classes, in_channels, **kwargs) -> nn.Module`` under ``name``.
+
+    ``input_size`` is the (C, H, W) the model is meant for; it sets the default
+    ``in_channels`` and the shape used for FLOP counting when none is given.
+    """
+    if ":" in name:
+        raise ValueError(f"model name {name!r} must not contain ':' (reserved for sources)")
+
+    def decorator(builder: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        params = inspect.signature(builder).parameters
+        missing = [p for p in _FIXED if p not in params]
+        if missing:
+            raise ValueError(f"builder for {name!r} must accept {', '.join(missing)}")
+        _REGISTRY[name] = _Entry(builder, tuple(input_size))
+        return builder
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Registered names, sorted (torchvision/timm models are reached with a prefix)."""
+    return sorted(_REGISTRY)
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists (recursively), so a spec survives a JSON round trip unchanged."""
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _tag(model: nn.Module, name: str, kwargs: dict[str, Any], input_size: tuple[int, ...]) -> None:
+    spec = {"name": name, "kwargs": _jsonable(kwargs), "input_size": list(input_size)}
+    setattr(model, SPEC_ATTR, spec)
+
+
+def create_model(
+    name: str, *, num_classes: int = 10, in_channels: int | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build a randomly initialised model by registry name or ``torchvision:``/``timm:`` name.
+
+    ``in_channels=None`` means the model's own default (1 for digits nets, 3 otherwise).
+    Pretrained weights are never downloaded. Raises :class:`ModelError` for unknown names
+    or arguments, with the valid choices in the message.
+    """
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"model name must be a non-empty string, got {name!r}.")
+    if ":" in name:
+        from .external import create_external
+
+        model, input_size = create_external(name, num_classes, in_channels, kwargs)
+        kwargs = {"num_classes": num_classes, "in_channels": input_size[0], **kwargs}
+        _tag(model, name, kwargs, input_size)
+        return model
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ModelError(
+            unknown_name("model", name, list_models())
+            + " Other models: 'torchvision:<name>' or 'timm:<name>'."
+        )
+    if in_channels is None:
+        in_channels = entry.input_size[0]
+    params = inspect.signature(entry.builder).parameters
+    allowed = [p for p in params if p not in _FIXED and params[p].kind is not params[p].VAR_KEYWORD]
+    bad = sorted(k for k in kwargs if k not in allowed)
+    if bad:
+        raise ModelError(
+            f"model {name!r} got unexpected argument(s) {', '.join(bad)}; "
+            f"it accepts: {', '.join(allowed) or 'no extra arguments'}."
+        )
+    try:
+        model = entry.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except (TypeError, ValueError) as e:  # e.g. widths=5: a bad value, reported as such
+        raise ModelError(f"cannot build model {name!r} with {kwargs!r}: {e}") from e
+    input_size = (in_channels, *entry.input_size[1:])
+    if isinstance(kwargs.get("image_size"), int):  # builders that take it size their input
+        input_size = (in_channels, kwargs["image_size"], kwargs["image_size"])
+    _tag(
+        model, name, {"num_classes": num_classes, "in_channels": in_channels, **kwargs}, input_size
+    )
+    return model
+
+
+def create_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a fresh (unpruned) model from a ``model.eigendamage_spec`` dict."""
+    try:
+        name, kwargs = spec["name"], dict(spec["kwargs"])
+    except (KeyError, TypeError) as e:
+        raise ModelError(f"bad model spec {spec!r}: needs 'name' and 'kwargs'.") from e
+    return create_model(name, **kwargs)
+
+
+def default_input_shape(name_or_model: str | nn.Module, *, batch_size: int = 1) -> tuple[int, ...]:
+    """The (N, C, H, W) a model is meant for: from its spec, or the registry for a name.
+
+    For counting FLOPs without making the caller know each model's input resolution.
+    """
+    if isinstance(name_or_model, nn.Module):
+        spec = getattr(name_or_model, SPEC_ATTR, None)
+        if not isinstance(spec, dict) or "input_size" not in spec:
+            raise ModelError(
+                f"{type(name_or_model).__name__} was not made by create_model, so its input "
+                "shape is unknown; pass input_shape explicitly."
+            )
+        size = tuple(spec["input_size"])
+    elif ":" in name_or_model:
+        size = (3, 224, 224)
+    elif name_or_model in _REGISTRY:
+        size = _REGISTRY[name_or_model].input_size
+    else:
+        raise ModelError(unknown_name("model", name_or_model, list_models()))
+    return (batch_size, *size)

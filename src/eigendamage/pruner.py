@@ -1,0 +1,269 @@
+"""The pruning loop: collect curvature -> score -> plan -> cut -> fine-tune, per round.
+
+``prune()`` is the one entry point for every method.  Iterative rounds prune the already
+pruned model again (EigenDamage re-estimates K-FAC on the bottleneck cores and merges the
+new eigenbases into the old, so bottlenecks never stack).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .criteria.eigendamage import (
+    apply_plan,
+    classifier_name,
+    direction_scores,
+    eigendamage_targets,
+    plan_pruning,
+    rotated_layers,
+)
+from .curvature import collect_kfac, eigendecompose
+from .errors import ConfigError, ModelError, unknown_name
+from .measure import Counts, count
+
+FineTune = Callable[[nn.Module, int], None]
+EIGEN_METHODS = ("eigendamage",)
+
+
+@dataclass
+class RoundInfo:
+    """What one round did: the ratio used, counts after it and time per stage."""
+
+    round: int
+    ratio: float
+    params: int
+    flops: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    before: Counts
+    after: Counts
+    rounds: list[RoundInfo]
+
+    @property
+    def params_kept(self) -> float:
+        return self.after.params / self.before.params
+
+    @property
+    def flops_kept(self) -> float:
+        return self.after.flops / self.before.flops
+
+
+def available_methods() -> list[str]:
+    return sorted(EIGEN_METHODS)
+
+
+def prune(model: nn.Module, loader: Iterable, **kwargs) -> nn.Module:
+    """Prune ``model`` and return the new, smaller module (see :func:`run_pruning`)."""
+    return run_pruning(model, loader, **kwargs).model
+
+
+def run_pruning(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    method: str = "eigendamage",
+    ratio: float | None = None,
+    target_params: float | None = None,
+    target_flops: float | None = None,
+    rounds: int = 1,
+    input_shape: tuple[int, ...] | None = None,
+    per_layer_cap: float = 0.95,
+    fisher: str = "true",
+    fisher_batches: int | None = None,
+    fisher_samples: int = 1,
+    damping: float = 0.0,
+    exclude: Iterable[str] | None = None,
+    finetune: FineTune | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PruneResult:
+    """Prune with ``method`` over ``rounds`` rounds; ``model`` itself is not modified.
+
+    Budget: exactly one of ``ratio`` (fraction of units removed *per round*, as in the
+    paper: eigen-directions for EigenDamage, channels for channel methods, weights for
+    obd/obs), ``target_params`` or ``target_flops`` (fraction of the original model *kept*
+    after the last round; intermediate rounds aim at the geometric schedule
+    ``target**(r/rounds)``).  ``exclude`` lists layer names never pruned (default: the
+    classifier).  ``finetune(model, round)`` trains the model in place after each round.
+    """
+    methods = available_methods()
+    if method not in methods:
+        raise ConfigError(unknown_name("method", method, methods))
+    budgets = [b is not None for b in (ratio, target_params, target_flops)]
+    if sum(budgets) != 1:
+        raise ConfigError("give exactly one of ratio, target_params or target_flops")
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    for label, value in (("target_params", target_params), ("target_flops", target_flops)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ConfigError(f"{label} is the fraction kept and must be in (0, 1], got {value}")
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"ratio is the fraction removed and must be in [0, 1), got {ratio}")
+    input_shape = input_shape or _infer_input_shape(loader)
+    before = count(model, input_shape)
+    current = copy.deepcopy(model)
+    if exclude is None:
+        cls = classifier_name(current)
+        exclude = {cls} if cls else set()
+    infos: list[RoundInfo] = []
+    for r in range(1, rounds + 1):
+        target = None
+        if target_params is not None:
+            target = ("params", before.params * target_params ** (r / rounds))
+        elif target_flops is not None:
+            target = ("flops", before.flops * target_flops ** (r / rounds))
+        start = time.perf_counter()
+        common = dict(
+            ratio=ratio,
+            target=target,
+            input_shape=input_shape,
+            per_layer_cap=per_layer_cap,
+            fisher=fisher,
+            fisher_batches=fisher_batches,
+            fisher_samples=fisher_samples,
+            damping=damping,
+            exclude=set(exclude),
+            seed=seed + r - 1,
+            device=device,
+        )
+        if method in EIGEN_METHODS:
+            current, info = eigendamage_round(current, loader, **common)
+        else:
+            from .channel_pruner import prune_round
+
+            current, info = prune_round(current, loader, method=method, **common)
+        info.round = r
+        info.seconds["prune"] = time.perf_counter() - start
+        if log:
+            log(
+                f"round {r}/{rounds}: {method} ratio {info.ratio:.3f} -> "
+                f"{info.params:,} params, {info.flops:,} FLOPs"
+            )
+        if finetune is not None:
+            start = time.perf_counter()
+            finetune(current, r)
+            info.seconds["finetune"] = time.perf_counter() - start
+        infos.append(info)
+    return PruneResult(current, before, count(current, input_shape), infos)
+
+
+def eigendamage_round(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    ratio: float | None,
+    target: tuple[str, float] | None,
+    input_shape: tuple[int, ...],
+    per_layer_cap: float,
+    fisher: str,
+    fisher_batches: int | None,
+    fisher_samples: int,
+    damping: float,
+    exclude: set[str],
+    seed: int,
+    device: torch.device | str | None,
+) -> tuple[nn.Module, RoundInfo]:
+    """One EigenDamage round on a copy of ``model``: K-FAC, KFE, global ranking, surgery."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    targets = eigendamage_targets(model, exclude)
+    if not targets:
+        raise ModelError(
+            "no prunable layer: EigenDamage needs nn.Linear or nn.Conv2d (groups=1) layers "
+            "outside the excluded ones"
+        )
+    factors = collect_kfac(
+        model,
+        loader,
+        fisher=fisher,
+        batches=fisher_batches,
+        samples=fisher_samples,
+        conv_mode="channel",
+        modules=targets,
+        seed=seed,
+        device=device,
+    )
+    timings["curvature"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kfe = eigendecompose(factors, damping=damping, drop_bias=True)
+    timings["eigendecomposition"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rotated = rotated_layers(model, kfe)
+    scores = {n: direction_scores(rotated[n], kfe[n]) for n in kfe}
+
+    def build_with(r: float) -> tuple[nn.Module, object]:
+        plan = plan_pruning(rotated, scores, ratio=r, per_layer_cap=per_layer_cap)
+        return apply_plan(copy.deepcopy(model), rotated, plan), plan
+
+    if target is not None:
+        ratio = solve_ratio(lambda r: build_with(r)[0], target, input_shape)
+    pruned, plan = build_with(ratio)
+    timings["scoring_and_surgery"] = time.perf_counter() - t0
+    counts = count(pruned, input_shape)
+    detail = {
+        "threshold": plan.threshold,
+        "pruned_directions": plan.pruned_directions,
+        "total_directions": plan.total_directions,
+        "forms": {n: lp.form for n, lp in plan.layers.items()},
+    }
+    return pruned, RoundInfo(0, ratio, counts.params, counts.flops, timings, detail)
+
+
+def solve_ratio(
+    build: Callable[[float], nn.Module],
+    target: tuple[str, float],
+    input_shape: tuple[int, ...],
+    *,
+    tolerance: float = 0.01,
+    max_ratio: float = 0.999,
+    steps: int = 30,
+) -> float:
+    """Bisection on the pruning ratio until params/FLOPs are within ``tolerance`` (relative)
+    of the target count; a clear error when the caps make the target unreachable."""
+    metric, goal = target
+
+    def measure(r: float) -> float:
+        return getattr(count(build(r), input_shape), metric)
+
+    lo, hi = 0.0, max_ratio
+    at_hi = measure(hi)
+    if at_hi > goal * (1 + tolerance):
+        raise ConfigError(
+            f"target {metric} {goal:,.0f} is unreachable: pruning as far as the per-layer cap "
+            f"allows leaves {at_hi:,.0f}; raise per_layer_cap or use more rounds"
+        )
+    best_r, best_err = hi, abs(at_hi - goal) / goal
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        value = measure(mid)
+        err = abs(value - goal) / goal
+        if err < best_err:
+            best_r, best_err = mid, err
+        if err <= tolerance:
+            return mid
+        if value > goal:
+            lo = mid
+        else:
+            hi = mid
+    return best_r
+
+
+def _infer_input_shape(loader: Iterable) -> tuple[int, ...]:
+    for batch in loader:
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if isinstance(inputs, torch.Tensor):
+            return (1, *inputs.shape[1:])
+        break
+    raise ConfigError("cannot infer the input shape from the loader: pass input_shape")

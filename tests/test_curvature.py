@@ -12,7 +12,15 @@ from torch.func import functional_call, grad, vmap
 from eigendamage.curvature import batched_eigh, collect_kfac, eigendecompose
 from eigendamage.errors import ConfigError, CurvatureError, ModelError
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Exactness checks in double precision, without leaking into other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def loader_of(x, y, batch_size=None):

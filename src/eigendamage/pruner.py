@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +61,16 @@ class PruneResult:
 
 
 def available_methods() -> list[str]:
-    return sorted(EIGEN_METHODS)
+    from .criteria import CRITERIA
+    from .criteria.weight_level import WEIGHT_METHODS
+
+    return sorted({*EIGEN_METHODS, *CRITERIA, *WEIGHT_METHODS})
+
+
+def default_damping(method: str) -> float:
+    """EigenDamage ranks by eigenvalues (no inverse): no damping. Methods that invert the
+    factors (OBS family) need some: 1e-3 of the mean eigenvalue."""
+    return 0.0 if method in EIGEN_METHODS else 1e-3
 
 
 def prune(model: nn.Module, loader: Iterable, **kwargs) -> nn.Module:
@@ -82,12 +92,16 @@ def run_pruning(
     fisher: str = "true",
     fisher_batches: int | None = None,
     fisher_samples: int = 1,
-    damping: float = 0.0,
+    damping: float | None = None,
     exclude: Iterable[str] | None = None,
     finetune: FineTune | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = None,
+    start_round: int = 1,
+    reference: Counts | None = None,
+    on_round: Callable[[nn.Module, RoundInfo], None] | None = None,
+    before_round: Callable[[int], None] | None = None,
 ) -> PruneResult:
     """Prune with ``method`` over ``rounds`` rounds; ``model`` itself is not modified.
 
@@ -97,6 +111,12 @@ def run_pruning(
     after the last round; intermediate rounds aim at the geometric schedule
     ``target**(r/rounds)``).  ``exclude`` lists layer names never pruned (default: the
     classifier).  ``finetune(model, round)`` trains the model in place after each round.
+
+    Resuming: pass the model saved after round ``start_round - 1`` with ``start_round`` and
+    the ``reference`` counts of the original model; ``on_round(model, info)`` is called after
+    each finished round (pruned and fine-tuned), ``before_round(round)`` before its curvature
+    pass (e.g. to reseed the loader).  Weight-level methods (obd/obs) keep their zeros
+    through fine-tuning: the pruned weights' gradients are masked.
     """
     methods = available_methods()
     if method not in methods:
@@ -111,14 +131,18 @@ def run_pruning(
             raise ConfigError(f"{label} is the fraction kept and must be in (0, 1], got {value}")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio is the fraction removed and must be in [0, 1), got {ratio}")
+    if damping is None:
+        damping = default_damping(method)
     input_shape = input_shape or _infer_input_shape(loader)
-    before = count(model, input_shape)
+    before = reference or count(model, input_shape)
     current = copy.deepcopy(model)
     if exclude is None:
         cls = classifier_name(current)
         exclude = {cls} if cls else set()
     infos: list[RoundInfo] = []
-    for r in range(1, rounds + 1):
+    for r in range(start_round, rounds + 1):
+        if before_round is not None:
+            before_round(r)
         target = None
         if target_params is not None:
             target = ("params", before.params * target_params ** (r / rounds))
@@ -153,10 +177,30 @@ def run_pruning(
             )
         if finetune is not None:
             start = time.perf_counter()
-            finetune(current, r)
+            with frozen_zeros(current, info.detail.pop("masks", None)):
+                finetune(current, r)
             info.seconds["finetune"] = time.perf_counter() - start
         infos.append(info)
+        if on_round is not None:
+            on_round(current, info)
     return PruneResult(current, before, count(current, input_shape), infos)
+
+
+@contextmanager
+def frozen_zeros(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Mask gradients of pruned weights so fine-tuning cannot regrow them (SGD's weight decay
+    and momentum of a zero weight with zero gradient stay zero)."""
+    handles = []
+    if masks:
+        for name, mask in masks.items():
+            weight = model.get_submodule(name).weight
+            keep = mask.to(device=weight.device, dtype=weight.dtype)
+            handles.append(weight.register_hook(lambda g, keep=keep: g * keep))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def eigendamage_round(

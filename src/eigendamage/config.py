@@ -1,0 +1,328 @@
+"""Validated run configurations (pydantic v2) loaded from JSON/TOML plus CLI overrides.
+
+Why strict models (``extra="forbid"``, ranges on every number): a typo such as ``lrr = 0.1``
+or a negative damping would otherwise silently run the wrong experiment for hours.  Every
+validation problem becomes one :class:`~eigendamage.errors.ConfigError` line naming the file,
+the dotted field and the reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "CompareConfig",
+    "FineTuneConfig",
+    "PruneConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "format_validation_error",
+    "load_config",
+    "merge_overrides",
+]
+
+Schedule = Literal["step", "cosine", "constant"]
+Fisher = Literal["true", "empirical"]
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class _Strict(BaseModel):
+    # strict: "3" is not an int and true is not a number; ints are still accepted for floats.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False
+    )
+
+
+def _check_device(value: str) -> str:
+    """Accept ``auto`` or anything ``torch.device`` parses (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    if value == "auto":
+        return value
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError("not a device name: use auto, cpu, cuda or cuda:N") from None
+    return value
+
+
+class TrainConfig(_Strict):
+    """Training from scratch (or further training) of a model on a dataset."""
+
+    model: str = Field(min_length=1)
+    dataset: str = Field(default="digits", min_length=1)
+    data_root: str | None = None
+    epochs: int = Field(default=30, ge=0)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Schedule = "step"
+    seed: int = Field(default=0, ge=0)
+    device: str = "auto"
+    l1_bn: float = Field(default=0.0, ge=0, description="Network-slimming L1 penalty on BN gammas")
+    num_workers: int = Field(default=0, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, v: str) -> str:
+        return _check_device(v)
+
+
+class FineTuneConfig(_Strict):
+    """Fine-tuning after each pruning round (``epochs=0`` skips it)."""
+
+    epochs: int = Field(default=10, ge=0)
+    lr: float = Field(default=0.01, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Schedule = "cosine"
+    bn_recalibration_batches: int | None = Field(
+        default=20,
+        ge=0,
+        description="batches for BN statistics after surgery; 0 = skip, null = all",
+    )
+
+
+class _PruneCommon(_Strict):
+    """Fields shared by ``prune`` and ``compare``."""
+
+    model: str | None = Field(default=None, min_length=1, description="model registry name")
+    checkpoint: str | None = Field(
+        default=None, min_length=1, description="directory written by save_model"
+    )
+    dataset: str = Field(default="digits", min_length=1)
+    data_root: str | None = None
+    rounds: int = Field(default=1, ge=1)
+    per_layer_cap: float = Field(
+        default=0.95, gt=0, le=1, description="largest fraction of one layer's units to remove"
+    )
+    fisher: Fisher = "true"
+    fisher_batches: int | None = Field(default=None, ge=1, description="null = whole loader")
+    fisher_samples: int = Field(default=1, ge=1)
+    damping: float | None = Field(
+        default=None, ge=0, description="relative damping; null = the method's default"
+    )
+    finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    seed: int = Field(default=0, ge=0)
+    device: str = "auto"
+    batch_size: int = Field(default=128, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, v: str) -> str:
+        return _check_device(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _PruneCommon:
+        if (self.model is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of 'model' (a registry name) or 'checkpoint'")
+        return self
+
+
+def _exactly_one(obj: BaseModel, names: tuple[str, ...]) -> None:
+    given = [n for n in names if getattr(obj, n) is not None]
+    if len(given) != 1:
+        got = f"got {', '.join(given)}" if given else "got none"
+        raise ValueError(f"give exactly one of {', '.join(names)} ({got})")
+
+
+class PruneConfig(_PruneCommon):
+    """One pruning run: a method and one budget.
+
+    ``ratio`` is the fraction of prunable units removed per the method's global ranking;
+    ``target_params``/``target_flops`` are the fraction of the original count to *keep*.
+    """
+
+    method: str = Field(min_length=1)
+    ratio: float | None = Field(default=None, gt=0, lt=1)
+    target_params: float | None = Field(default=None, gt=0, le=1)
+    target_flops: float | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneConfig:
+        _exactly_one(self, ("ratio", "target_params", "target_flops"))
+        return self
+
+
+class CompareConfig(_PruneCommon):
+    """Several methods at several budgets on the same model, for tables and trade-off plots."""
+
+    methods: list[str] = Field(min_length=1)
+    ratios: list[float] | None = Field(default=None, min_length=1)
+    target_params: list[float] | None = Field(default=None, min_length=1)
+    target_flops: list[float] | None = Field(default=None, min_length=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, v: list[str]) -> list[str]:
+        if any(not m for m in v):
+            raise ValueError("method names must be non-empty")
+        dupes = sorted({m for m in v if v.count(m) > 1})
+        if dupes:
+            raise ValueError(f"duplicate methods: {', '.join(dupes)}")
+        return v
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratio_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not 0 < r < 1 for r in v):
+            raise ValueError("every ratio must be in (0, 1)")
+        return v
+
+    @field_validator("target_params", "target_flops")
+    @classmethod
+    def _target_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not 0 < t <= 1 for t in v):
+            raise ValueError("every target must be in (0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> CompareConfig:
+        _exactly_one(self, ("ratios", "target_params", "target_flops"))
+        return self
+
+    def budget_field(self) -> str:
+        """Which PruneConfig budget field the lists fill (``ratio``/``target_params``/...)."""
+        if self.ratios is not None:
+            return "ratio"
+        return "target_params" if self.target_params is not None else "target_flops"
+
+    def runs(self) -> list[PruneConfig]:
+        """One PruneConfig per (method, budget), methods outermost, in the given orders."""
+        field = self.budget_field()
+        values = self.ratios if field == "ratio" else getattr(self, field)
+        common = self.model_dump(exclude={"methods", "ratios", "target_params", "target_flops"})
+        return [PruneConfig(**common, method=m, **{field: v}) for m in self.methods for v in values]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _fields_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model that ``loc`` points into, for did-you-mean hints."""
+    cls: Any = model_cls
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, source: str, model_cls: type[BaseModel]) -> str:
+    """All of pydantic's errors on one line: ``source: field.path: message (got value)``."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            close = difflib.get_close_matches(key, _fields_at(model_cls, loc[:-1]), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"{_loc(loc[:-1])}: " if len(loc) > 1 else ""
+            parts.append(f"{where}unknown key {key!r}{hint}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        where = f"{_loc(loc)}: " if loc else ""
+        got = "" if err["type"] == "missing" or not loc else f" (got {_got(err.get('input'))})"
+        parts.append(f"{where}{msg}{got}")
+    return f"{source}: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config {path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from exc
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"config {path}: invalid JSON: {exc}") from exc
+    elif suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ConfigError(
+                    f"config {path}: TOML needs Python 3.11+ or `pip install tomli`; "
+                    "or use a .json config"
+                ) from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config {path}: invalid TOML: {exc}") from exc
+    else:
+        raise ConfigError(f"config {path}: unsupported file type {suffix!r}; use .json or .toml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: top level must be a table/object of settings")
+    return data
+
+
+def load_config(path: str | Path, model_cls: type[C]) -> C:
+    """Read and validate a ``.json`` or ``.toml`` config into ``model_cls``."""
+    p = Path(path)
+    data = _read(p)
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"config {p}", model_cls)) from None
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    head, _, rest = key.partition(".")
+    if not rest:
+        data[key] = value
+        return
+    sub = data.setdefault(head, {})
+    if sub is None:
+        sub = data[head] = {}
+    if not isinstance(sub, dict):
+        raise ConfigError(f"option {key}: {head!r} is not a group of settings")
+    _set_dotted(sub, rest, value)
+
+
+def merge_overrides(cfg: C, overrides: Mapping[str, Any]) -> C:
+    """Apply command-line overrides (``None`` = not given; ``finetune.lr`` reaches nested
+    fields) and validate the result again, so options obey the same rules as files."""
+    data = cfg.model_dump()
+    for key, value in overrides.items():
+        if value is not None:
+            _set_dotted(data, key, os.fspath(value) if isinstance(value, os.PathLike) else value)
+    try:
+        return type(cfg).model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "options", type(cfg))) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain JSON-able dict (stored next to results so a run can be repeated)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,256 @@
+"""Coupled channel groups: which output channels must be removed together.
+
+Removing output channel ``c`` of a conv also removes channel ``c`` of the BatchNorm after it
+and input channel ``c`` of every consumer; across a residual stage the convs feeding one
+addition share their channels, a concat shifts indices, a flatten expands one channel into
+``h*w`` Linear inputs and a depthwise conv ties its channels to its input's producer.  The
+graph tracing and index bookkeeping come from torch-pruning's ``DependencyGraph``; this
+module turns its groups into plain data (module *names* and index tensors), so groups
+survive ``deepcopy`` and the removal itself (:mod:`eigendamage.surgery.channels`) needs no
+graph.
+
+Where torch-pruning falls short, and what is done about it:
+
+* ``build_dependency`` puts the traced model into ``eval()`` mode; we trace a deepcopy.
+* Grouped convs other than depthwise (``groups == in == out``) are pruned wrongly by torch-pruning
+  (``prune_in_channels`` just truncates the kept list per group); every group touching
+  one is skipped (listed in :attr:`ChannelGroups.skipped`) rather than pruned incorrectly.
+* Members it cannot see as modules (unwrapped ``nn.Parameter`` s, custom ops, LayerNorm /
+  GroupNorm, whose removal we do not verify) make their group skipped, likewise.
+* It has no notion of "the output layer"; we walk back from the graph's sinks to find the
+  Conv/Linear producing each model output and never prune its outputs (class logits).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import ModelError
+from ..surgery.channels import Plan, remove_channels_, zero_channels_
+
+_ROOT_TYPES = (nn.Conv2d, nn.Linear)
+_MEMBER_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One module touched by a group: ``index[k]`` (along ``dim``) is group channel ``channel[k]``.
+
+    Several indices can map to one channel (a flatten before a Linear).
+    """
+
+    module: str
+    dim: str  # "out" (output channels, BN features) or "in" (input channels)
+    kind: str  # "conv", "depthwise", "linear" or "bn"
+    index: torch.Tensor
+    channel: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Output channels that can only be removed together, ``size`` of them."""
+
+    id: str
+    size: int
+    members: tuple[Member, ...]
+
+    @property
+    def roots(self) -> tuple[Member, ...]:
+        """Conv/Linear members whose *output* channels are removed: the ones to score."""
+        return tuple(
+            m for m in self.members if m.dim == "out" and m.kind in ("conv", "depthwise", "linear")
+        )
+
+
+@dataclass
+class ChannelGroups:
+    """All prunable coupled channel groups of a model (see the module docstring)."""
+
+    groups: list[ChannelGroup]
+    ignored: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)  # group id -> reason
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        example_inputs: Any,
+        ignored_layers: Iterable[str] | None = None,
+    ) -> ChannelGroups:
+        """Trace ``model`` (a deepcopy; the model is untouched) on ``example_inputs``.
+
+        The layers producing the model's outputs are always ignored (their output channels
+        are never removed); ``ignored_layers`` adds more (names from ``named_modules()``).
+        """
+        traced = copy.deepcopy(model)
+        for p in traced.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(
+                traced, example_inputs=example_inputs, verbose=False
+            )
+        by_name = dict(traced.named_modules())
+        names = {m: n for n, m in by_name.items()}
+        extra = tuple(ignored_layers or ())
+        unknown = [n for n in extra if n not in by_name]
+        if unknown:
+            raise ModelError(f"ignored_layers names not in the model: {unknown}")
+        ignored = tuple(dict.fromkeys(_output_layers(dg, names) + extra))
+        groups, skipped = [], {}
+        for g in dg.get_all_groups(
+            ignored_layers=[by_name[n] for n in ignored], root_module_types=_ROOT_TYPES
+        ):
+            group, reason = _convert(dg, g, names)
+            if reason:
+                skipped[group.id] = reason
+            else:
+                groups.append(group)
+        order = {n: i for i, n in enumerate(by_name)}
+        groups.sort(key=lambda g: order[g.id])  # model order, not tracing order
+        return cls(groups, ignored, skipped)
+
+    def __iter__(self) -> Iterator[ChannelGroup]:
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, group_id: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.id == group_id:
+                return g
+        raise KeyError(f"no prunable channel group {group_id!r}")
+
+    def root_layers(self) -> list[str]:
+        """Names of all Conv/Linear layers whose output channels some group removes."""
+        return list(dict.fromkeys(m.module for g in self for m in g.roots))
+
+    def norm_layers(self) -> list[str]:
+        """Names of all BatchNorm layers inside prunable groups."""
+        return list(dict.fromkeys(m.module for g in self for m in g.members if m.kind == "bn"))
+
+    def group_scores(self, layer_scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per group channel: the SUM of the scores of its out-dim members of that channel.
+
+        Summing is right for Delta L scores: removing a residual-stage channel removes that
+        output channel of every conv feeding the stage, and (to the quadratic model's
+        block-diagonal-across-layers accuracy) the loss increases add.  Groups with no
+        scored member (e.g. no BatchNorm for slimming) are left out: they are not pruned.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for g in self:
+            total = torch.zeros(g.size, dtype=torch.float64)
+            scored = False
+            for m in g.members:
+                if m.dim == "out" and m.module in layer_scores:
+                    s = layer_scores[m.module].detach().to("cpu", torch.float64)
+                    total.index_add_(0, m.channel, s[m.index])
+                    scored = True
+            if scored:
+                out[g.id] = total
+        return out
+
+    def removal_plan(self, keep: Mapping[str, torch.Tensor]) -> Plan:
+        """``{(module, dim): removed indices}`` for keeping ``keep[group_id]`` channels.
+
+        Groups not in ``keep`` stay whole.  Depthwise convs are recorded once, as "out".
+        """
+        plan: dict[tuple[str, str], set[int]] = {}
+        ids = {g.id for g in self}
+        for gid, kept in keep.items():
+            if gid not in ids:
+                raise ModelError(f"no prunable channel group {gid!r}; groups: {sorted(ids)}")
+            g = self[gid]
+            kept = torch.as_tensor(kept, dtype=torch.long).flatten()
+            if kept.numel() == 0:
+                raise ModelError(f"group {gid!r}: keep at least one channel")
+            if kept.min() < 0 or kept.max() >= g.size:
+                raise ModelError(f"group {gid!r}: kept channel indices must be in [0, {g.size})")
+            removed = torch.ones(g.size, dtype=torch.bool)
+            removed[kept] = False
+            for m in g.members:
+                dim = "out" if m.kind == "depthwise" else m.dim
+                idx = m.index[removed[m.channel]]
+                plan.setdefault((m.module, dim), set()).update(idx.tolist())
+        return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in plan.items() if v}
+
+
+def prune_channels(
+    model: nn.Module, groups: ChannelGroups, keep: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """A NEW model with all channels not in ``keep`` physically removed (no masks, no hooks)."""
+    return remove_channels_(copy.deepcopy(model), groups.removal_plan(keep))
+
+
+def mask_channels(
+    model: nn.Module, groups: ChannelGroups, keep: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """A deepcopy whose removed channels output exactly zero: the reference of the pruned model.
+
+    Zeroing the producers' weights and biases and the BatchNorm weight AND bias makes each
+    removed channel identically 0 after BN, so consumers see the same inputs as in the
+    physically pruned model and, in eval mode, both compute the same function.
+    """
+    return zero_channels_(copy.deepcopy(model), groups.removal_plan(keep))
+
+
+def _output_layers(dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> tuple[str, ...]:
+    """Conv/Linear layers whose outputs reach a model output without another weight layer."""
+    stack = [n for n in dg.module2node.values() if not n.outputs]
+    seen, found = set(), []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node.module, _ROOT_TYPES):
+            found.append(names[node.module])
+        else:
+            stack.extend(node.inputs)
+    return tuple(sorted(found))
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        depthwise = module.groups == module.in_channels == module.out_channels > 1
+        return "depthwise" if depthwise else "conv"
+    return "linear" if isinstance(module, nn.Linear) else "bn"
+
+
+def _convert(
+    dg: tp.DependencyGraph, group: tp.Group, names: dict[nn.Module, str]
+) -> tuple[ChannelGroup, str]:
+    """torch-pruning group -> :class:`ChannelGroup`, plus why it cannot be pruned ("" if it can)."""
+    root = group[0].dep.target.module
+    gid = names[root]
+    size = dg.get_out_channels(root)
+    members, reason = [], ""
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.Parameter) or (
+            module in names and not isinstance(module, _MEMBER_TYPES)
+        ):
+            reason = reason or f"unsupported member {names.get(module, 'parameter')!r}"
+            continue
+        if module not in names:  # torch-pruning's own ops (add, concat, reshape, ...)
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and _kind(module) != "depthwise":
+            reason = reason or f"grouped conv {names[module]!r} (groups={module.groups})"
+        dim = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+        members.append(
+            Member(
+                module=names[module],
+                dim=dim,
+                kind=_kind(module),
+                index=torch.as_tensor(item.idxs, dtype=torch.long),
+                channel=torch.as_tensor(item.root_idxs, dtype=torch.long),
+            )
+        )
+    return ChannelGroup(gid, size, tuple(members)), reason

@@ -1,0 +1,5 @@
+"""Physical model surgery: eigenbasis bottlenecks and channel removal."""
+
+from .eigenbasis import KFEBottleneck, to_eigenbasis
+
+__all__ = ["KFEBottleneck", "to_eigenbasis"]

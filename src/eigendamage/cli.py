@@ -245,9 +245,8 @@ def methods_cmd() -> None:
         console.print(name)
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
+# Commands defined in their own modules register themselves on `app` when imported.
+from . import cli_bench, cli_compare, cli_export  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -1,0 +1,3 @@
+"""`eigendamage export` commands (registered on the main typer app)."""
+
+from .cli import app, friendly_errors  # noqa: F401

@@ -246,7 +246,7 @@ def methods_cmd() -> None:
 
 
 # Commands defined in their own modules register themselves on `app` when imported.
-from . import cli_bench, cli_compare, cli_export  # noqa: E402, F401
+from . import cli_bench, cli_compare, cli_export, cli_latency  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -25,6 +25,7 @@ from .criteria.eigendamage import (
     rotated_layers,
 )
 from .curvature import collect_kfac, eigendecompose
+from .curvature.ekfac import kfe_diagonal
 from .errors import ConfigError, ModelError, unknown_name
 from .measure import Counts, count
 
@@ -102,6 +103,7 @@ def run_pruning(
     reference: Counts | None = None,
     on_round: Callable[[nn.Module, RoundInfo], None] | None = None,
     before_round: Callable[[int], None] | None = None,
+    eigenvalues: str = "kfac",
 ) -> PruneResult:
     """Prune with ``method`` over ``rounds`` rounds; ``model`` itself is not modified.
 
@@ -133,6 +135,8 @@ def run_pruning(
         raise ConfigError(f"ratio is the fraction removed and must be in [0, 1), got {ratio}")
     if damping is None:
         damping = default_damping(method)
+    if eigenvalues not in ("kfac", "ekfac"):
+        raise ConfigError(f"eigenvalues must be 'kfac' or 'ekfac', got {eigenvalues!r}")
     input_shape = input_shape or _infer_input_shape(loader)
     before = reference or count(model, input_shape)
     current = copy.deepcopy(model)
@@ -163,7 +167,7 @@ def run_pruning(
             device=device,
         )
         if method in EIGEN_METHODS:
-            current, info = eigendamage_round(current, loader, **common)
+            current, info = eigendamage_round(current, loader, eigenvalues=eigenvalues, **common)
         else:
             from .channel_pruner import prune_round
 
@@ -218,8 +222,12 @@ def eigendamage_round(
     exclude: set[str],
     seed: int,
     device: torch.device | str | None,
+    eigenvalues: str = "kfac",
 ) -> tuple[nn.Module, RoundInfo]:
-    """One EigenDamage round on a copy of ``model``: K-FAC, KFE, global ranking, surgery."""
+    """One EigenDamage round on a copy of ``model``: K-FAC, KFE, global ranking, surgery.
+
+    ``eigenvalues="ekfac"`` re-estimates the Fisher diagonal in the KFE from per-example
+    gradients (a second pass over the data) instead of ``lam_S * lam_A``."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     targets = eigendamage_targets(model, exclude)
@@ -243,6 +251,21 @@ def eigendamage_round(
     t0 = time.perf_counter()
     kfe = eigendecompose(factors, damping=damping, drop_bias=True)
     timings["eigendecomposition"] = time.perf_counter() - t0
+    if eigenvalues == "ekfac":
+        t0 = time.perf_counter()
+        diagonals = kfe_diagonal(
+            model,
+            loader,
+            kfe,
+            fisher=fisher,
+            batches=fisher_batches,
+            samples=fisher_samples,
+            seed=seed,
+            device=device,
+        )
+        for name, diag in diagonals.items():
+            kfe[name].diag = diag
+        timings["ekfac"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rotated = rotated_layers(model, kfe)
     scores = {n: direction_scores(rotated[n], kfe[n]) for n in kfe}

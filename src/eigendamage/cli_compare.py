@@ -1,3 +1,124 @@
 """`eigendamage compare` commands (registered on the main typer app)."""
 
-from .cli import app, friendly_errors  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .cli import _log, _run_config, app, friendly_errors
+from .config import CompareConfig, TrainConfig, load_config
+from .errors import ConfigError
+
+DEFAULT_MODEL = "digits-vgg"
+
+
+def _floats(option: str, text: str | None) -> list[float] | None:
+    """``"0.3,0.5"`` -> ``[0.3, 0.5]``; a clear error for anything else."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--{option}: expected numbers separated by commas, got {text!r}"
+        ) from None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
+
+
+@app.command("compare")
+@friendly_errors
+def compare_cmd(
+    model: str = typer.Option(None, help=f"model name, trained first (default {DEFAULT_MODEL})"),
+    checkpoint: str = typer.Option(None, help="trained model directory (instead of --model)"),
+    data: str = typer.Option(None, "--data", help="dataset: digits, cifar10, cifar100, ..."),
+    data_root: str = typer.Option(None, help="folder holding the dataset files"),
+    methods: str = typer.Option(None, help="comma-separated methods (default: all)"),
+    ratios: str = typer.Option(None, help="comma-separated pruning ratios, e.g. 0.3,0.5,0.7"),
+    target_params: str = typer.Option(None, help="comma-separated fractions of params kept"),
+    target_flops: str = typer.Option(None, help="comma-separated fractions of FLOPs kept"),
+    rounds: int = typer.Option(None, help="prune -> fine-tune rounds per run"),
+    per_layer_cap: float = typer.Option(None, help="max fraction removed per layer side"),
+    fisher: str = typer.Option(None, help="true | empirical"),
+    fisher_batches: int = typer.Option(None, help="batches for curvature (default: all)"),
+    damping: float = typer.Option(None, help="relative damping of the factors"),
+    finetune_epochs: int = typer.Option(None, help="fine-tuning epochs per round"),
+    finetune_lr: float = typer.Option(None),
+    train_epochs: int = typer.Option(None, help="train --model for N epochs first"),
+    batch_size: int = typer.Option(None),
+    seed: int = typer.Option(None),
+    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    config: Path = typer.Option(None, help="JSON/TOML CompareConfig (e.g. configs/one_pass/...)"),
+    out: Path = typer.Option(None, help="comparison directory to create"),
+    resume: Path = typer.Option(None, help="continue the comparison in this directory"),
+    force: bool = typer.Option(False, help="write into an existing --out, redoing every run"),
+    no_progress: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Prune one model with several methods at several budgets; writes results.csv/.md and
+    accuracy-vs-params/FLOPs plots into --out (finished runs are kept on --resume)."""
+    from .compare import TRAIN_CONFIG, markdown_rows, run_compare
+    from .pruner import available_methods
+    from .report import print_table
+
+    overrides: dict[str, Any] = {
+        "model": model,
+        "checkpoint": checkpoint,
+        "dataset": data,
+        "data_root": data_root,
+        "methods": _names(methods),
+        "ratios": _floats("ratios", ratios),
+        "target_params": _floats("target-params", target_params),
+        "target_flops": _floats("target-flops", target_flops),
+        "rounds": rounds,
+        "per_layer_cap": per_layer_cap,
+        "fisher": fisher,
+        "fisher_batches": fisher_batches,
+        "damping": damping,
+        "finetune.epochs": finetune_epochs,
+        "finetune.lr": finetune_lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "device": device,
+    }
+    if resume is None and config is None:  # the digits defaults
+        overrides["methods"] = overrides["methods"] or available_methods()
+        if model is None and checkpoint is None:
+            overrides["model"] = DEFAULT_MODEL
+    if resume is not None and train_epochs is not None:
+        raise ConfigError(
+            f"--resume {resume} continues with its own {TRAIN_CONFIG}; drop --train-epochs"
+        )
+    cfg, out_dir, resuming = _run_config(CompareConfig, out, resume, config, force, overrides)
+    if resuming:
+        train_file = out_dir / TRAIN_CONFIG
+        train = load_config(train_file, TrainConfig) if train_file.is_file() else None
+    else:
+        train = _train_config(cfg, train_epochs)
+    rows = run_compare(
+        cfg, out_dir, train=train, force=force, resume=resuming, log=_log, progress=not no_progress
+    )
+    table = markdown_rows(rows)
+    compact = [c for c in table[0] if c not in ("params", "FLOPs", "note")]  # errors were logged
+    print_table(table, title=f"compare: {out_dir}", columns=compact)
+
+
+def _train_config(cfg: CompareConfig, epochs: int | None) -> TrainConfig | None:
+    """The training run ``--train-epochs`` asks for (the registry model, trained on the
+    comparison's dataset with the default recipe)."""
+    if epochs is None:
+        return None
+    if cfg.model is None or cfg.checkpoint is not None:
+        raise ConfigError("--train-epochs trains a --model by name; it cannot train a --checkpoint")
+    return TrainConfig(
+        model=cfg.model,
+        dataset=cfg.dataset,
+        data_root=cfg.data_root,
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=cfg.device,
+    )

@@ -1,0 +1,339 @@
+"""Methods x budgets on one trained model: the paper's comparison as one resumable job.
+
+Layout of the output directory::
+
+    config.json                  the CompareConfig
+    train.json, train/           the model trained first (TrainConfig, ``run_train``), if asked
+    runs/<method>_<budget>/      one ``run_prune`` directory per run (metrics.json = done)
+    results.csv, results.md      one row per run plus the unpruned reference
+    acc_vs_params.png, acc_vs_flops.png
+
+Each run is an ordinary prune run, so a finished one is skipped on resume and a crashed one
+continues from its last round.  A run that fails for a documented reason (an unreachable
+budget, ...) is recorded with its message instead of stopping the other runs.  Latency is
+measured for all models together at the end, so one machine state times them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import CompareConfig, PruneConfig, TrainConfig, config_to_dict
+from .errors import ConfigError, EigenDamageError, unknown_name
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_model,
+    load_model_file,
+    prepare_output_dir,
+)
+from .measure import measure_latency
+from .models import create_from_spec, default_input_shape
+from .models.registry import SPEC_ATTR
+from .pruner import available_methods
+from .report import plot_tradeoff, write_csv, write_markdown_table
+from .runner import MODEL_DIR, finished_metrics, run_prune, run_train
+
+Log = Callable[[str], None]
+RUNS_DIR = "runs"
+TRAIN_DIR = "train"
+TRAIN_CONFIG = "train.json"
+REFERENCE = "original"
+LATENCY_THREADS = 1  # one thread: timings on a shared machine vary least
+LATENCY_PASSES = 3  # interleaved passes over all models; the fastest median counts
+_BUDGET_LABEL = {"ratio": "ratio", "target_params": "params", "target_flops": "flops"}
+
+
+@dataclass
+class RunRecord:
+    """One (method, budget) run: its settings and its metrics, or why it failed."""
+
+    name: str
+    run_dir: Path
+    config: PruneConfig
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+    skipped: bool = False
+
+    @property
+    def budget(self) -> tuple[str, float]:
+        field = next(f for f in _BUDGET_LABEL if getattr(self.config, f) is not None)
+        return field, getattr(self.config, field)
+
+
+def run_name(cfg: PruneConfig) -> str:
+    """Directory name of a run, e.g. ``eigendamage_flops0.5``."""
+    field = next(f for f in _BUDGET_LABEL if getattr(cfg, f) is not None)
+    return f"{cfg.method}_{_BUDGET_LABEL[field]}{getattr(cfg, field):g}"
+
+
+def run_compare(
+    cfg: CompareConfig,
+    out: str | Path,
+    *,
+    train: TrainConfig | None = None,
+    force: bool = False,
+    resume: bool = False,
+    log: Log = print,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Prune ``cfg``'s model with every method at every budget; returns the result rows.
+
+    ``train`` trains a model first (into ``OUT/train``; ``OUT/train.json`` keeps its
+    config for resuming) and prunes that checkpoint instead of ``cfg.model``/``checkpoint``.
+    """
+    if train is None and cfg.checkpoint is None:
+        raise ConfigError(
+            f"compare needs a trained model: give a checkpoint, or train {cfg.model} first "
+            "(--train-epochs N)"
+        )
+    known = available_methods()
+    for method in cfg.methods:
+        if method not in known:
+            raise ConfigError(unknown_name("method", method, known))
+    out_dir = prepare_output_dir(out, force=force, resume=resume)
+    atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
+    if train is not None:
+        atomic_write_json(out_dir / TRAIN_CONFIG, config_to_dict(train))
+        run_train(
+            train, out_dir / TRAIN_DIR, force=force, resume=resume, log=log, progress=progress
+        )
+        fields = cfg.model_dump(exclude={"model", "checkpoint"})
+        cfg = CompareConfig(**fields, checkpoint=str(out_dir / TRAIN_DIR / MODEL_DIR))
+    records = []
+    runs = cfg.runs()
+    with _progress(progress) as bar:
+        say = log if bar.disable else _printer(bar.console)
+        task = bar.add_task("compare", total=len(runs) + 1)
+        for run_cfg in runs:
+            name = run_name(run_cfg)
+            bar.update(task, description=name)
+            record = _run_one(run_cfg, name, out_dir / RUNS_DIR / name, force, resume, say)
+            records.append(record)
+            say(f"{name}: {'finished before' if record.skipped else record.error or 'done'}")
+            bar.advance(task)
+        bar.update(task, description="measuring latency")
+        rows = result_rows(_reference_model(cfg, records), records)
+        bar.advance(task)
+    write_results(
+        rows,
+        out_dir,
+        title=f"{train.model if train else cfg.model or cfg.checkpoint} on {cfg.dataset}",
+    )
+    log(f"results: {out_dir / 'results.md'}")
+    return rows
+
+
+def _run_one(
+    cfg: PruneConfig, name: str, run_dir: Path, force: bool, resume: bool, log: Log
+) -> RunRecord:
+    if resume and (done := finished_metrics(run_dir)) is not None:
+        return RunRecord(name, run_dir, cfg, done, skipped=True)
+    try:
+        metrics = run_prune(cfg, run_dir, force=force, resume=resume, log=log, progress=False)
+    except EigenDamageError as exc:
+        return RunRecord(name, run_dir, cfg, error=str(exc))
+    return RunRecord(name, run_dir, cfg, metrics)
+
+
+def _progress(enabled: bool) -> Any:
+    """A bar over the runs on stderr; disabled (a no-op) without a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    return Progress(*columns, console=console, disable=not (enabled and console.is_terminal))
+
+
+def _printer(console: Any) -> Log:
+    """Log lines printed above a live progress bar."""
+    return lambda message: console.print(message, markup=False, highlight=False)
+
+
+def _reference_model(cfg: CompareConfig, records: list[RunRecord]) -> nn.Module | None:
+    """The unpruned model, loaded as the runs load it.  A state_dict checkpoint gets its
+    architecture from a pruned model's spec (sized for the dataset); without any finished
+    run there is none, and the reference row has no latency."""
+    build = None
+    if cfg.model is not None:
+        done = [r for r in records if r.metrics is not None]
+        if not done:
+            return None
+        spec = getattr(load_model(done[0].run_dir / MODEL_DIR), SPEC_ATTR)
+        build = partial(create_from_spec, spec)
+    return load_model_file(cfg.checkpoint, allow_pickle=cfg.allow_pickle, build=build)
+
+
+def latencies(models: dict[str, Callable[[], nn.Module]]) -> dict[str, float]:
+    """Median CPU latency (ms, batch 1) of each model, taken as the best of
+    ``LATENCY_PASSES`` interleaved passes: a burst of load from other processes then slows
+    one pass of every model instead of all passes of some, and the best pass shows it least.
+    ``models`` maps names to loaders, so only one model is in memory at a time."""
+    best: dict[str, float] = {}
+    for _ in range(LATENCY_PASSES):
+        for name, load in models.items():
+            model = load()
+            shape = default_input_shape(model)
+            median = measure_latency(
+                model, shape, batch_size=1, device="cpu", threads=LATENCY_THREADS
+            ).median_ms
+            best[name] = min(best.get(name, median), median)
+    return best
+
+
+def result_rows(reference: nn.Module | None, records: list[RunRecord]) -> list[dict[str, Any]]:
+    """One row per run plus the unpruned reference (method ``original``) first.
+
+    Accuracy is a fraction; ``*_removed_pct`` are percentages of the reference; latency is
+    the CPU forward time at batch 1 (see :func:`latencies`), ``speedup`` the reference's
+    latency over the run's; ``last_round_ratio`` is the fraction of the method's units
+    (eigen-directions, channels or weights) its last round removed, i.e. what a
+    params/FLOPs budget translated to.
+    """
+    done = {r.name: r.run_dir / MODEL_DIR for r in records if r.metrics is not None}
+    loaders = {n: partial(load_model, p) for n, p in done.items()}
+    if reference is not None:
+        loaders[REFERENCE] = lambda: reference
+    timed = latencies(loaders)
+    base_latency = timed.get(REFERENCE)
+    before = next((r.metrics["before"] for r in records if r.metrics), {})
+    rows: list[dict[str, Any]] = [
+        {
+            "method": REFERENCE,
+            "budget": "-",
+            "status": "reference",
+            "test_acc": before.get("test_acc"),
+            "val_acc": before.get("val_acc"),
+            "test_acc_change": 0.0,
+            "params": before.get("params"),
+            "flops": before.get("flops"),
+            "params_removed_pct": 0.0,
+            "flops_removed_pct": 0.0,
+            "latency_ms": base_latency,
+            "speedup": 1.0,
+        }
+    ]
+    for record in records:
+        field, value = record.budget
+        row: dict[str, Any] = {
+            "method": record.config.method,
+            "budget": f"{_BUDGET_LABEL[field]} {value:g}",
+            "rounds": record.config.rounds,
+            "run": record.name,
+        }
+        m = record.metrics
+        if m is None:
+            rows.append({**row, "status": "failed", "error": record.error})
+            continue
+        latency = timed[record.name]
+        rows.append(
+            {
+                **row,
+                "status": "ok",
+                "test_acc": m["after"]["test_acc"],
+                "val_acc": m["after"]["val_acc"],
+                "test_acc_change": m["test_acc_change"],
+                "params": m["after"]["params"],
+                "flops": m["after"]["flops"],
+                "params_removed_pct": 100 * m["params_removed"],
+                "flops_removed_pct": 100 * m["flops_removed"],
+                "latency_ms": latency,
+                "speedup": base_latency / latency if base_latency else None,
+                "last_round_ratio": m["rounds"][-1]["ratio"] if m["rounds"] else None,
+                "prune_s": m["seconds"].get("prune"),
+                "finetune_s": m["seconds"].get("finetune"),
+            }
+        )
+    return rows
+
+
+COLUMNS = (
+    "method",
+    "budget",
+    "rounds",
+    "status",
+    "test_acc",
+    "val_acc",
+    "test_acc_change",
+    "params",
+    "flops",
+    "params_removed_pct",
+    "flops_removed_pct",
+    "latency_ms",
+    "speedup",
+    "last_round_ratio",
+    "prune_s",
+    "finetune_s",
+    "run",
+    "error",
+)
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value if scale == 1 else scale * value, spec) + unit
+
+
+def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The rows as the Markdown table shows them (percent, points, ms, x)."""
+    return [
+        {
+            "method": r["method"],
+            "budget": r["budget"],
+            "test acc (%)": _fmt(r.get("test_acc"), ".2f", 100),
+            "change (pt)": _fmt(r.get("test_acc_change"), "+.2f", 100),
+            "params removed (%)": _fmt(r.get("params_removed_pct"), ".1f"),
+            "FLOPs removed (%)": _fmt(r.get("flops_removed_pct"), ".1f"),
+            "params": _fmt(r.get("params"), ","),
+            "FLOPs": _fmt(r.get("flops"), ","),
+            "latency (ms)": _fmt(r.get("latency_ms"), ".3f"),
+            "speed-up": _fmt(r.get("speedup"), ".2f", unit="x"),
+            "note": r.get("error") or "",
+        }
+        for r in rows
+    ]
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> None:
+    """``results.csv`` (full precision), ``results.md`` and the two trade-off plots."""
+    write_csv(out_dir / "results.csv", rows, COLUMNS)
+    write_markdown_table(out_dir / "results.md", markdown_rows(rows))
+    reference = next(r for r in rows if r["status"] == "reference")
+    plotted = [
+        {**r, "test accuracy (%)": 100 * r["test_acc"]}
+        for r in rows
+        if r["status"] == "ok" and r.get("test_acc") is not None
+    ]
+    if not plotted:
+        return
+    for x, stem in (("params_removed_pct", "acc_vs_params"), ("flops_removed_pct", "acc_vs_flops")):
+        path = out_dir / f"{stem}.png"
+        fig = plot_tradeoff(plotted, path, x=x, y="test accuracy (%)", title=title)
+        _restyle(fig, reference.get("test_acc"), path)
+
+
+def _restyle(fig: Any, reference_acc: float | None, path: Path) -> None:
+    """Distinct colours for up to 20 methods (the default cycle repeats after 10) and the
+    unpruned model as a dashed horizontal line; rewrites ``path``."""
+    import io as _stdio
+
+    from matplotlib import colormaps
+
+    ax = fig.axes[0]
+    colors = colormaps["tab20"].colors
+    for i, line in enumerate(ax.get_lines()):
+        line.set_color(colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
+    if reference_acc is not None:
+        ax.axhline(100 * reference_acc, color="black", linestyle="--", linewidth=1, label=REFERENCE)
+    ax.legend(title="method", fontsize="small")
+    buf = _stdio.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())

@@ -15,6 +15,7 @@ from eigendamage.config import (
     FineTuneConfig,
     PruneConfig,
     TrainConfig,
+    build_config,
     config_to_dict,
     load_config,
     merge_overrides,
@@ -77,8 +78,7 @@ def test_unknown_keys_get_hints(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
-        ({"method": "x", "ratio": 0.5}, "exactly one of 'model'"),
-        ({"model": "m", "checkpoint": "c", "method": "x", "ratio": 0.5}, "exactly one of 'model'"),
+        ({"method": "x", "ratio": 0.5}, "give 'model' (a registry name) or 'checkpoint'"),
         ({"model": "m", "method": "x"}, "exactly one of ratio, target_params, target_flops"),
         ({"model": "m", "method": "x", "ratio": 0.5, "target_params": 0.5}, "got ratio, target_p"),
         ({"model": "m", "method": "x", "ratio": 1.0}, "ratio: Input should be less than 1"),
@@ -139,6 +139,31 @@ def test_merge_overrides(tmp_path: Path) -> None:
         merge_overrides(cfg, {"ratoi": 0.5})
     with pytest.raises(ConfigError, match="not a group"):
         merge_overrides(cfg, {"ratio.x": 0.5})
+
+
+def test_model_names_the_architecture_of_a_state_dict_checkpoint() -> None:
+    cfg = PruneConfig(model="m", checkpoint="w.pt", method="x", ratio=0.5, allow_pickle=True)
+    assert cfg.model == "m" and cfg.checkpoint == "w.pt" and cfg.allow_pickle
+    assert PruneConfig(model="m", method="x", ratio=0.5).allow_pickle is False
+
+
+def test_build_config_merges_before_validating(tmp_path: Path) -> None:
+    # A partial file completed by options is valid: validation happens after the merge.
+    p = _json(tmp_path, {"model": "m", "rounds": 3, "finetune": {"epochs": 2}})
+    cfg = build_config(PruneConfig, p, {"method": "eigendamage", "ratio": 0.5, "seed": None})
+    assert (cfg.rounds, cfg.finetune.epochs, cfg.method, cfg.seed) == (3, 2, "eigendamage", 0)
+    cfg = build_config(
+        PruneConfig, None, {"model": "m", "method": "x", "target_flops": 0.5, "finetune.lr": 0.5}
+    )
+    assert cfg.finetune.lr == 0.5
+    with pytest.raises(ConfigError, match=r"^command line: ratio: Input should be less than 1"):
+        build_config(PruneConfig, None, {"model": "m", "method": "x", "ratio": 1.5})
+    with pytest.raises(ConfigError, match=rf"^config {p} with command-line options: method"):
+        build_config(PruneConfig, p, {"ratio": 0.5})
+    with pytest.raises(ConfigError, match=rf"^config {p}: method: Field required"):
+        build_config(PruneConfig, p, {})
+    with pytest.raises(ConfigError, match="file not found"):
+        build_config(PruneConfig, tmp_path / "nope.toml", {})
 
 
 def test_compare_config_runs_and_rules() -> None:

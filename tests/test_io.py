@@ -93,6 +93,22 @@ def test_prepare_output_dir(tmp_path: Path) -> None:
         io.prepare_output_dir(tmp_path / "file", force=True)
 
 
+def test_check_output_dir_creates_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b"
+    assert io.check_output_dir(out, force=False) == out and not (tmp_path / "a").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        io.check_output_dir(tmp_path / "f" / "run", force=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".config.json.123.deadbeef.tmp"
+    stale.write_text("partial")
+    io.check_output_dir(run, force=False)  # only a killed write's temp file: still empty
+    (run / ".mine.tmp").write_text("not ours")
+    assert io.remove_stale_temp_files(run) == [stale]
+    assert (run / ".mine.tmp").exists()
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -1,24 +1,40 @@
 """The ``eigendamage`` command line (typer + rich).
 
-Every expected failure (bad path, unknown name, invalid value, existing output) is printed
-as one line ``error: ...`` on stderr with exit code 2; a traceback means a bug.
+Every expected failure (bad path, unknown name, invalid value, existing output, a usage
+error such as a non-numeric ``--ratio``) is printed as one line ``error: ...`` on stderr
+with exit code 2 (3 for out-of-memory, 130 for Ctrl-C); a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from .config import PruneConfig, TrainConfig, load_config, merge_overrides
+from .config import PruneConfig, TrainConfig, build_config, load_config
 from .errors import ConfigError, EigenDamageError
 
-app = typer.Typer(
+try:  # recent typer vendors click: its usage errors derive from TyperException
+    from typer import TyperException as UsageErrorBase
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import ClickException as UsageErrorBase
+
+
+class _App(typer.Typer):
+    """Typer app whose usage errors are one ``error:`` line like every other failure
+    (typer's default is a framed box), for the installed script and ``python -m``."""
+
+    def __call__(self, args: Sequence[str] | None = None, prog_name: str | None = None) -> Any:
+        sys.exit(main(args, prog_name))
+
+
+app = _App(
     help="Hessian-aware structured pruning in the Kronecker-factored eigenbasis (EigenDamage).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -27,78 +43,153 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+EXIT_ERROR, EXIT_OOM, EXIT_INTERRUPTED = 2, 3, 130
+OOM_HINT = "use fewer --fisher-batches, a smaller --batch-size, or --device cpu"
+
+
+def _error(message: str) -> None:
+    """Print ``error: message`` as exactly one line (messages may quote multi-line text)."""
+    err_console.print(
+        "error: " + " ".join(message.split()), markup=False, highlight=False, soft_wrap=True
+    )
+
+
+def main(args: Sequence[str] | None = None, prog_name: str | None = None) -> int:
+    """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return the exit code."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(
+            list(args) if args is not None else None, prog_name=prog_name, standalone_mode=False
+        )
+    except UsageErrorBase as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: a bare group
+            exc.show()
+            return exc.exit_code
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _error(exc.format_message() + hint)
+        return EXIT_ERROR
+    except typer.Abort:
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+class _WarningHandler(logging.Handler):
+    """Library warnings (e.g. damping escalation) as one ``warning:`` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(
+            "warning: " + " ".join(record.getMessage().split()),
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _route_library_warnings() -> None:
+    logger = logging.getLogger("eigendamage")
+    if not any(isinstance(h, _WarningHandler) for h in logger.handlers):
+        logger.addHandler(_WarningHandler(logging.WARNING))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    # CUDA: "CUDA out of memory"; CPU allocator: "DefaultCPUAllocator: can't allocate memory"
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
 
 
 def friendly_errors(func: F) -> F:
-    """Turn expected failures into one clear line and exit code 2."""
+    """Turn expected failures into one clear line and a non-zero exit code."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _route_library_warnings()
         try:
             return func(*args, **kwargs)
         except EigenDamageError as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except MemoryError:
-            err_console.print(
-                "error: out of memory; use fewer --fisher-batches, a smaller --batch-size or "
-                "--device cpu",
-                markup=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(3) from None
+            _error(str(exc))
+            raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted; continue with --resume", markup=False)
-            raise typer.Exit(130) from None
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
-                err_console.print(
-                    "error: out of GPU memory; use fewer --fisher-batches, a smaller "
-                    "--batch-size, or --device cpu",
-                    markup=False,
-                    soft_wrap=True,
-                )
-                raise typer.Exit(3) from None
-            raise
+            run = kwargs.get("resume") or kwargs.get("out")
+            hint = f"; continue with --resume {run}" if run else ""
+            err_console.print(f"interrupted{hint}", markup=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (MemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+            _error(f"out of memory{f' ({detail})' if detail else ''}; {OOM_HINT}")
+            raise typer.Exit(EXIT_OOM) from None
+        except OSError as exc:  # disk full, permission denied, a file vanishing mid-run
+            where = f": {exc.filename}" if exc.filename else ""
+            _error(f"{exc.strerror or exc}{where}")
+            raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 def _log(message: str) -> None:
-    console.print(message, markup=False, highlight=False)
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _flag(field: str) -> str:
+    """The command-line option that sets config ``field`` (``finetune.lr`` -> ``--finetune-lr``)."""
+    return "--data" if field == "dataset" else "--" + field.replace(".", "-").replace("_", "-")
 
 
 def _config(cls: type, path: Path | None, overrides: dict[str, Any]) -> Any:
     """A validated config: the file (if any) with the command-line values on top."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if path is not None:
-        return merge_overrides(load_config(path, cls), given)
-    try:
-        return cls(**given)
-    except Exception as exc:  # pydantic.ValidationError -> one line
-        from pydantic import ValidationError
-
-        from .config import format_validation_error
-
-        if isinstance(exc, ValidationError):
-            raise ConfigError(format_validation_error(exc, "command line", cls)) from None
-        raise
+    return build_config(cls, path, overrides)
 
 
 def _out_dir(out: Path | None, resume: Path | None) -> tuple[Path, bool]:
-    if resume is not None:
-        if out is not None and out != resume:
-            raise ConfigError("give either --out DIR or --resume DIR, not both")
-        if not (resume / "config.json").is_file():
-            raise ConfigError(f"--resume {resume}: no run found there (config.json missing)")
-        return resume, True
-    if out is None:
-        raise ConfigError("--out DIR is required (or --resume DIR to continue a run)")
-    return out, False
+    """(run directory, resuming?) from ``--out`` / ``--resume``."""
+    if resume is None:
+        if out is None:
+            raise ConfigError("--out DIR is required (or --resume DIR to continue a run)")
+        return out, False
+    if out is not None and out != resume:
+        raise ConfigError("give either --out DIR or --resume DIR, not both")
+    if not resume.is_dir() or not (resume / "config.json").is_file():
+        raise ConfigError(
+            f"--resume {resume}: no run found there (config.json missing); start one with --out"
+        )
+    return resume, True
 
 
-def _resumed_config(cls: type, out_dir: Path) -> Any:
-    return load_config(out_dir / "config.json", cls)
+def _run_config(
+    cls: type,
+    out: Path | None,
+    resume: Path | None,
+    config: Path | None,
+    force: bool,
+    overrides: dict[str, Any],
+) -> tuple[Any, Path, bool]:
+    """(validated config, run directory, resuming?) from the command's options.
+
+    ``--resume DIR`` continues with ``DIR/config.json`` exactly: options that would change
+    the run are refused rather than silently ignored.
+    """
+    out_dir, resuming = _out_dir(out, resume)
+    if not resuming:
+        return _config(cls, config, overrides), out_dir, False
+    given = [_flag(k) for k, v in overrides.items() if v is not None]
+    given += ["--config"] * (config is not None) + ["--force"] * force
+    if given:
+        raise ConfigError(
+            f"--resume {out_dir} continues with its own config.json; drop {', '.join(given)} "
+            "(or start a new run with --out)"
+        )
+    try:
+        cfg = load_config(out_dir / "config.json", cls)
+    except ConfigError as exc:
+        kind = "train" if cls is TrainConfig else "prune"
+        raise ConfigError(f"--resume {out_dir}: not a `{kind}` run ({exc})") from None
+    return cfg, out_dir, True
 
 
 @app.command("train")
@@ -117,42 +208,40 @@ def train_cmd(
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     config: Path = typer.Option(None, help="JSON/TOML TrainConfig"),
     out: Path = typer.Option(None, help="run directory to create"),
-    resume: Path = typer.Option(None, help="continue the run in this directory"),
-    force: bool = typer.Option(False, help="write into an existing --out"),
+    resume: Path = typer.Option(None, help="continue the (killed) run in this directory"),
+    force: bool = typer.Option(False, help="replace the run in an existing --out"),
     no_progress: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Train a model from scratch and save it (the checkpoint to prune)."""
     from .runner import run_train
 
-    out_dir, resuming = _out_dir(out, resume)
-    if resuming:
-        cfg = _resumed_config(TrainConfig, out_dir)
-    else:
-        cfg = _config(
-            TrainConfig,
-            config,
-            dict(
-                model=model,
-                dataset=data,
-                data_root=data_root,
-                epochs=epochs,
-                lr=lr,
-                batch_size=batch_size,
-                weight_decay=weight_decay,
-                schedule=schedule,
-                l1_bn=l1_bn,
-                seed=seed,
-                device=device,
-            ),
-        )
+    overrides = dict(
+        model=model,
+        dataset=data,
+        data_root=data_root,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        l1_bn=l1_bn,
+        seed=seed,
+        device=device,
+    )
+    cfg, out_dir, resuming = _run_config(TrainConfig, out, resume, config, force, overrides)
     run_train(cfg, out_dir, force=force, resume=resuming, log=_log, progress=not no_progress)
 
 
 @app.command("prune")
 @friendly_errors
 def prune_cmd(
-    model: str = typer.Option(None, help="model name (untrained; prefer --checkpoint)"),
+    model: str = typer.Option(
+        None, help="model name: an untrained model, or the architecture of a state_dict file"
+    ),
     checkpoint: str = typer.Option(None, help="model directory written by `train`/`prune`"),
+    allow_pickle: bool = typer.Option(
+        False, help="load a legacy torch.save --checkpoint (unpickling runs code: trust it!)"
+    ),
     data: str = typer.Option(None, "--data", help="dataset: digits, cifar10, cifar100, ..."),
     data_root: str = typer.Option(None, help="folder holding the dataset files"),
     method: str = typer.Option(None, help="eigendamage, c-obd, c-obs, kron-obd, kron-obs, ..."),
@@ -171,41 +260,36 @@ def prune_cmd(
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     config: Path = typer.Option(None, help="JSON/TOML PruneConfig (e.g. configs/...)"),
     out: Path = typer.Option(None, help="run directory to create"),
-    resume: Path = typer.Option(None, help="continue the run in this directory"),
-    force: bool = typer.Option(False, help="write into an existing --out"),
+    resume: Path = typer.Option(None, help="continue the (killed) run in this directory"),
+    force: bool = typer.Option(False, help="replace the run in an existing --out"),
     no_progress: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Prune a model; writes config, metrics and the pruned model into --out."""
     from .report import print_table
     from .runner import run_prune, summary_rows
 
-    out_dir, resuming = _out_dir(out, resume)
-    if resuming:
-        cfg = _resumed_config(PruneConfig, out_dir)
-    else:
-        overrides = dict(
-            model=model,
-            checkpoint=checkpoint,
-            dataset=data,
-            data_root=data_root,
-            method=method,
-            ratio=ratio,
-            target_params=target_params,
-            target_flops=target_flops,
-            rounds=rounds,
-            per_layer_cap=per_layer_cap,
-            fisher=fisher,
-            fisher_batches=fisher_batches,
-            damping=damping,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-        )
-        if finetune_epochs is not None:
-            overrides["finetune.epochs"] = finetune_epochs
-        if finetune_lr is not None:
-            overrides["finetune.lr"] = finetune_lr
-        cfg = _config(PruneConfig, config, overrides)
+    overrides = {
+        "model": model,
+        "checkpoint": checkpoint,
+        "allow_pickle": allow_pickle or None,
+        "dataset": data,
+        "data_root": data_root,
+        "method": method,
+        "ratio": ratio,
+        "target_params": target_params,
+        "target_flops": target_flops,
+        "rounds": rounds,
+        "per_layer_cap": per_layer_cap,
+        "fisher": fisher,
+        "fisher_batches": fisher_batches,
+        "damping": damping,
+        "finetune.epochs": finetune_epochs,
+        "finetune.lr": finetune_lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "device": device,
+    }
+    cfg, out_dir, resuming = _run_config(PruneConfig, out, resume, config, force, overrides)
     metrics = run_prune(
         cfg, out_dir, force=force, resume=resuming, log=_log, progress=not no_progress
     )
@@ -217,7 +301,7 @@ def prune_cmd(
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), help="run directory"),
     force: bool = typer.Option(False, help="write into an existing --out"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     no_progress: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """The default job: train a VGG-style net on the embedded digits data, prune it with
@@ -249,4 +333,4 @@ def methods_cmd() -> None:
 from . import cli_bench, cli_compare, cli_export, cli_latency  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    sys.exit(main())

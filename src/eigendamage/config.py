@@ -25,6 +25,7 @@ __all__ = [
     "FineTuneConfig",
     "PruneConfig",
     "TrainConfig",
+    "build_config",
     "config_to_dict",
     "format_validation_error",
     "load_config",
@@ -100,7 +101,9 @@ class _PruneCommon(_Strict):
 
     model: str | None = Field(default=None, min_length=1, description="model registry name")
     checkpoint: str | None = Field(
-        default=None, min_length=1, description="directory written by save_model"
+        default=None,
+        min_length=1,
+        description="directory written by save_model (or a state_dict / legacy torch.save file)",
     )
     dataset: str = Field(default="digits", min_length=1)
     data_root: str | None = None
@@ -124,10 +127,18 @@ class _PruneCommon(_Strict):
     def _valid_device(cls, v: str) -> str:
         return _check_device(v)
 
+    allow_pickle: bool = Field(
+        default=False,
+        description="let a legacy torch.save checkpoint be unpickled (runs code from the file)",
+    )
+
     @model_validator(mode="after")
-    def _one_source(self) -> _PruneCommon:
-        if (self.model is None) == (self.checkpoint is None):
-            raise ValueError("give exactly one of 'model' (a registry name) or 'checkpoint'")
+    def _source(self) -> _PruneCommon:
+        if self.model is None and self.checkpoint is None:
+            raise ValueError(
+                "give 'model' (a registry name) or 'checkpoint' (both only for a state_dict "
+                "file whose architecture 'model' names)"
+            )
         return self
 
 
@@ -321,6 +332,26 @@ def merge_overrides(cfg: C, overrides: Mapping[str, Any]) -> C:
         return type(cfg).model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "options", type(cfg))) from None
+
+
+def build_config(model_cls: type[C], path: str | Path | None, overrides: Mapping[str, Any]) -> C:
+    """The config a command runs with: the file (if any) with the command-line values on top.
+
+    Validated once, after merging, so options can complete a partial file (a file without
+    ``method`` plus ``--method``); errors name the source of the offending values.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data = _read(Path(path)) if path is not None else {}
+    for key, value in given.items():
+        _set_dotted(data, key, os.fspath(value) if isinstance(value, os.PathLike) else value)
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        if path is None:
+            source = "command line"
+        else:
+            source = f"config {path}" + (" with command-line options" if given else "")
+        raise ConfigError(format_validation_error(exc, source, model_cls)) from None
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

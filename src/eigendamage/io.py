@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -39,11 +40,14 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_output_dir",
     "describe_architecture",
     "load_checkpoint",
     "load_model",
+    "load_model_file",
     "prepare_output_dir",
     "register_module_type",
+    "remove_stale_temp_files",
     "save_checkpoint",
     "save_model",
     "to_json",
@@ -60,6 +64,8 @@ class CheckpointError(EigenDamageError):
 
 
 # --------------------------------------------------------------------------- atomic writes
+
+_TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 @contextlib.contextmanager
@@ -167,21 +173,58 @@ def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
 # --------------------------------------------------------------------------- output dirs
 
 
-def prepare_output_dir(path: str | os.PathLike[str], *, force: bool, resume: bool = False) -> Path:
-    """Create ``path`` or accept it; refuse a non-empty one unless forced or resuming.
+def check_output_dir(path: str | os.PathLike[str], *, force: bool, resume: bool = False) -> Path:
+    """Everything :func:`prepare_output_dir` checks, without creating anything.
 
-    ``force`` deletes nothing: files are overwritten one by one as the run rewrites them, so
-    an accidental ``--force`` never loses work that the new run does not replace.
+    Jobs call this before their (slow, fallible) setup and create the directory only once
+    the inputs are known to be good, so a failing run leaves nothing behind.
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputExistsError(f"output path {p} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not (force or resume):
+    if p.is_dir():
+        # A run killed while writing its first file leaves only a temp file: still empty.
+        if any(not _TEMP_NAME.fullmatch(c.name) for c in p.iterdir()) and not (force or resume):
+            raise OutputExistsError(
+                f"output directory {p} exists; pass --force to overwrite or --resume {p} to "
+                "continue"
+            )
+        return p
+    ancestor = p.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputExistsError(f"cannot create output directory {p}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputExistsError(
-            f"output directory {p} exists; pass --force to overwrite or --resume {p} to continue"
+            f"cannot create output directory {p}: no write permission in {ancestor}"
         )
+    return p
+
+
+def prepare_output_dir(path: str | os.PathLike[str], *, force: bool, resume: bool = False) -> Path:
+    """Create ``path`` or accept it; refuse a non-empty one unless forced or resuming.
+
+    ``force`` deletes nothing here: callers that know which files belong to a run remove
+    those (see ``runner``); anything else in the directory is left alone.
+    """
+    p = check_output_dir(path, force=force, resume=resume)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files that writes killed mid-way (SIGKILL, power loss) left behind.
+
+    Only names of the form :func:`_atomic_target` produces are touched.
+    """
+    removed = []
+    for tmp in Path(directory).rglob(".*.tmp"):
+        if tmp.is_file() and _TEMP_NAME.fullmatch(tmp.name):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -644,7 +687,10 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
         raise ModelError(f"{arch_file}: 'base' must be a create_model spec with a 'name'")
     base = _build_base_quietly(spec)
     with torch.random.fork_rng(devices=[]):  # new modules' init must not move the caller's RNG
-        model = _apply(base, doc.get("modules") or {}, doc.get("tied") or {})
+        try:
+            model = _apply(base, doc.get("modules") or {}, doc.get("tied") or {})
+        except ModelError as exc:
+            raise ModelError(f"{arch_file}: {exc}") from exc
     try:
         st_load_model(model, str(weights_file), strict=True)
     except (RuntimeError, SafetensorError, OSError) as exc:
@@ -652,3 +698,126 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
     if getattr(model, "eigendamage_spec", None) is None:  # the root itself was replaced
         model.eigendamage_spec = {**spec, "kwargs": dict(spec.get("kwargs", {}))}
     return model
+
+
+# --------------------------------------------------------------------------- legacy files
+
+PICKLE_RISK = (
+    "unpickling runs whatever code the file's author put in it; pass --allow-pickle only for "
+    "files you trust"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _state_dict_in(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    """The tensors of a state_dict, also inside the usual ``{"state_dict": ...}`` wrappers."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for key in ("state_dict", "model_state_dict", "model"):
+        inner = _state_dict_in(obj.get(key))
+        if inner is not None:
+            return inner
+    return None
+
+
+def _load_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: Path
+) -> nn.Module:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise ModelError(
+            f"checkpoint {source} does not fit the --model architecture: {detail[:300]}"
+        ) from None
+    return model
+
+
+def load_model_file(
+    path: str | os.PathLike[str],
+    *,
+    allow_pickle: bool = False,
+    build: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
+    """Load the model a user points at: a :func:`save_model` directory, a ``.safetensors``
+    state_dict, or a legacy ``torch.save`` file.
+
+    Why the opt-in: ``torch.save`` files are pickles, and loading one can execute arbitrary
+    code.  They load only with ``allow_pickle``: a whole pickled module with
+    ``torch.load(weights_only=False)``, or -- when ``build`` makes the architecture (the
+    ``--model`` name) -- a state_dict with ``weights_only=True``.  A pickled module must
+    come from ``create_model`` so that its pruned result can be saved pickle-free.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(
+            f"checkpoint {p} not found; pass a model directory written by `eigendamage train` "
+            "or `eigendamage prune` (its model/ folder)"
+        )
+    if p.is_dir() or p.name in (ARCHITECTURE_FILE, WEIGHTS_FILE):
+        if build is not None:
+            raise ModelError(
+                f"checkpoint {p} is a model directory that records its own architecture; "
+                "drop --model (it is only for state_dict files)"
+            )
+        return load_model(p)
+    if p.suffix == ".safetensors":
+        if build is None:
+            raise ModelError(
+                f"checkpoint {p} holds only weights; pass --model NAME to build the architecture"
+            )
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(p))
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"cannot read weights {p}: {_first_line(exc)}") from exc
+        return _load_state_dict(build(), state, p)
+    if not allow_pickle:
+        raise ModelError(
+            f"checkpoint {p} is a pickle (torch.save) file, not a model directory; "
+            f"{PICKLE_RISK} (add --model NAME if it holds a state_dict)"
+        )
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=build is not None)
+    except pickle.UnpicklingError as exc:
+        if build is not None:
+            raise ModelError(
+                f"checkpoint {p} holds pickled objects, not only tensors (a whole model?); "
+                "drop --model to load it as a whole pickled model"
+            ) from exc
+        raise CheckpointError(f"checkpoint {p} is corrupt: {_first_line(exc)}") from exc
+    except (ImportError, AttributeError) as exc:  # the pickled classes are not importable
+        raise CheckpointError(
+            f"checkpoint {p} needs code that is not importable here: {_first_line(exc)}"
+        ) from exc
+    except Exception as exc:  # zip/EOF errors of a truncated or foreign file
+        raise CheckpointError(
+            f"checkpoint {p} is corrupt or truncated: {_first_line(exc)}"
+        ) from exc
+    if build is not None:
+        state = _state_dict_in(obj)
+        if state is None:
+            raise ModelError(f"checkpoint {p} holds no state_dict of tensors")
+        return _load_state_dict(build(), state, p)
+    if _state_dict_in(obj) is not None:
+        raise ModelError(
+            f"checkpoint {p} holds a state_dict, not a model; pass --model NAME to build the "
+            "architecture it belongs to"
+        )
+    if not isinstance(obj, nn.Module):
+        raise ModelError(f"checkpoint {p} holds a {type(obj).__name__}, not a torch model")
+    if not isinstance(getattr(obj, "eigendamage_spec", None), Mapping):
+        # Its pruned result could not be saved pickle-free: fail now, not after the run.
+        raise ModelError(
+            f"checkpoint {p} holds a {type(obj).__name__} not made by eigendamage's model "
+            "registry; save its state_dict instead and pass --model NAME"
+        )
+    return obj

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -24,13 +25,14 @@ from .criteria.eigendamage import (
     plan_pruning,
     rotated_layers,
 )
-from .curvature import collect_kfac, eigendecompose
+from .curvature import collect_kfac
 from .curvature.ekfac import kfe_diagonal
+from .curvature.stability import stable_eigendecompose, with_damping_escalation
 from .errors import ConfigError, ModelError, unknown_name
 from .measure import Counts, count
 
 FineTune = Callable[[nn.Module, int], None]
-EIGEN_METHODS = ("eigendamage",)
+EIGEN_METHODS = ("eigendamage", "eigendamage-dw")
 
 
 @dataclass
@@ -166,12 +168,19 @@ def run_pruning(
             seed=seed + r - 1,
             device=device,
         )
-        if method in EIGEN_METHODS:
+        if method == "eigendamage-dw":
+            from .criteria.eigendamage_dw import eigendamage_dw_round
+
+            current, info = eigendamage_dw_round(
+                current, loader, eigenvalues=eigenvalues, **common
+            )
+        elif method in EIGEN_METHODS:
             current, info = eigendamage_round(current, loader, eigenvalues=eigenvalues, **common)
         else:
             from .channel_pruner import prune_round
 
-            current, info = prune_round(current, loader, method=method, **common)
+            step = partial(prune_round, current, loader, method=method, **common)
+            current, info = with_damping_escalation(step, damping)
         info.round = r
         info.seconds["prune"] = time.perf_counter() - start
         if log:
@@ -249,7 +258,7 @@ def eigendamage_round(
     )
     timings["curvature"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kfe = eigendecompose(factors, damping=damping, drop_bias=True)
+    kfe = stable_eigendecompose(factors, damping=damping, drop_bias=True)
     timings["eigendecomposition"] = time.perf_counter() - t0
     if eigenvalues == "ekfac":
         t0 = time.perf_counter()

@@ -1,16 +1,27 @@
 """Jobs behind the CLI: train a model, prune it, and the default demo.
 
 Each job writes into its own directory: ``config.json`` (resolved), ``environment.json``
-(versions, git commit), ``metrics.json`` and the model (``model/``: safetensors + JSON).
-Long jobs checkpoint at round and epoch boundaries (atomically) and continue with
-``resume=True`` from the last finished boundary.
+(versions, git commit, device), ``metrics.json`` and the model (``model/``: safetensors +
+JSON).  Three rules make the directories trustworthy:
+
+* **validate first**: config, data, device, model and method are checked (and the model
+  loaded and run on one batch) before the directory is created, so bad input leaves
+  nothing behind; a user error in the first round/epoch removes the new directory again.
+* **checkpoint at boundaries**: training checkpoints every epoch, pruning every round and
+  every fine-tuning epoch, all atomically; ``resume=True`` continues from the last
+  finished boundary and, on CPU with a fixed seed, ends bit-identical to an uninterrupted
+  run.  ``metrics.json`` is written last: its presence means the run is complete.
+* ``force`` replaces a previous run's own files (:data:`RUN_FILES`) and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,17 +31,31 @@ from torch import nn
 
 from .config import FineTuneConfig, PruneConfig, TrainConfig, config_to_dict
 from .data import Loaders, make_loaders
-from .errors import ConfigError
-from .io import atomic_write_json, load_model, prepare_output_dir, save_model
+from .errors import ConfigError, DataError, EigenDamageError, ModelError, unknown_name
+from .io import (
+    CheckpointError,
+    atomic_write_json,
+    check_output_dir,
+    load_model,
+    load_model_file,
+    remove_stale_temp_files,
+    save_model,
+)
 from .measure import Counts, count, reduction
 from .models import create_model
-from .pruner import PruneResult, RoundInfo, run_pruning
+from .pruner import PruneResult, RoundInfo, available_methods, run_pruning
 from .seeding import environment_info, seed_everything
-from .train import evaluate, recalibrate_bn, reseed_loader, train
+from .train import evaluate, model_logits, recalibrate_bn, reseed_loader, train
 
 Log = Callable[[str], None]
 ROUNDS_DIR = "rounds"
 STATE_FILE = "state.json"
+TRAIN_CHECKPOINT = "train_checkpoint.pt"
+CONFIG_FILE = "config.json"
+ENVIRONMENT_FILE = "environment.json"
+METRICS_FILE = "metrics.json"
+MODEL_DIR = "model"
+RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, MODEL_DIR, ROUNDS_DIR, TRAIN_CHECKPOINT)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -38,7 +63,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
+        raise ConfigError(
+            f"device {device!r} asked for, but CUDA is not available here; use --device cpu"
+        )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
+            "exist here"
+        )
     return resolved
 
 
@@ -46,16 +78,167 @@ def _loaders(cfg: TrainConfig | PruneConfig) -> Loaders:
     return make_loaders(cfg.dataset, cfg.data_root, batch_size=cfg.batch_size, seed=cfg.seed)
 
 
-def _write_run_files(out: Path, cfg: Any) -> None:
-    atomic_write_json(out / "config.json", config_to_dict(cfg))
-    atomic_write_json(out / "environment.json", environment_info())
-
-
-def _accuracy(model: nn.Module, loaders: Loaders, device: torch.device) -> dict[str, float]:
-    return {
-        "val_acc": evaluate(model, loaders.val, device=device).accuracy,
-        "test_acc": evaluate(model, loaders.test, device=device).accuracy,
+def _absolute_paths(cfg: Any) -> Any:
+    """Record paths as absolute ones, so ``--resume`` works from any working directory."""
+    update = {
+        key: os.path.abspath(value)
+        for key in ("checkpoint", "data_root")
+        if isinstance(value := getattr(cfg, key, None), str)
     }
+    return cfg.model_copy(update=update)
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def finished_metrics(out: Path) -> dict[str, Any] | None:
+    """The metrics of a complete run in ``out`` (written last), or None."""
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); delete it to redo the run") from exc
+
+
+def _has_checkpoint(out: Path) -> bool:
+    rounds = out / ROUNDS_DIR
+    return (out / TRAIN_CHECKPOINT).is_file() or (rounds.is_dir() and any(rounds.iterdir()))
+
+
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _run_dir(out: Path, *, force: bool, resume: bool) -> Iterator[None]:
+    """The run directory, created only now that the inputs are validated.
+
+    On a user error (:class:`EigenDamageError`) a directory this run created is removed
+    again unless a checkpoint already makes it worth resuming; then the error says so.
+    """
+    existed = out.exists()
+    if existed and force and not resume:
+        _remove_run_files(out)  # stale checkpoints must never be "resumed" by a new run
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        remove_stale_temp_files(out)
+    try:
+        yield
+    except EigenDamageError as exc:
+        if _has_checkpoint(out):
+            exc.args = (f"{exc} (finished work kept: fix the cause and use --resume {out})",)
+        elif not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_run_files(out: Path, cfg: Any, device: torch.device, resume: bool) -> None:
+    """``config.json`` once; ``environment.json`` per start (resumes are appended)."""
+    env = {**environment_info(), "device": str(device)}
+    env_file = out / ENVIRONMENT_FILE
+    if resume and env_file.is_file():
+        try:
+            first = json.loads(env_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            first = {}
+        first.setdefault("resumed", []).append(env)
+        env = first
+    if not resume or not (out / CONFIG_FILE).is_file():
+        atomic_write_json(out / CONFIG_FILE, config_to_dict(cfg))
+    atomic_write_json(env_file, env)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_forward(model: nn.Module, loaders: Loaders, what: str, dataset: str) -> None:
+    """Run ``model`` (still on the CPU) on two validation images: a model/dataset mismatch
+    or a broken checkpoint fails here with one clear line instead of deep inside the run."""
+    try:
+        inputs, _ = next(iter(loaders.val))
+    except StopIteration:
+        raise DataError(f"dataset {dataset!r} has no validation examples") from None
+    modes = [(m, m.training) for m in model.modules()]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            model.eval()
+            logits = model_logits(model, inputs[:2])
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"{what} cannot take {dataset!r} inputs of shape {tuple(inputs.shape[1:])}: {first}"
+            ) from exc
+        finally:
+            for m, training in modes:
+                m.training = training
+    classes = loaders.spec.num_classes
+    if logits.dim() != 2 or logits.shape[1] != classes:
+        raise ModelError(
+            f"{what} outputs shape {tuple(logits.shape[1:])}, but dataset {dataset!r} has "
+            f"{classes} classes; use a model built for this dataset"
+        )
+    if not torch.isfinite(logits).all():
+        raise ModelError(
+            f"{what} outputs NaN/Inf on {dataset!r} data: the checkpoint is corrupt or the "
+            "model diverged in training"
+        )
+
+
+def _unsupported_layers(model: nn.Module, supported: Callable[[nn.Module], bool]) -> str:
+    found = [
+        f"{name!r} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if next(m.parameters(recurse=False), None) is not None
+        and not supported(m)
+        and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    return f"unsupported: {', '.join(found[:6])}" if found else "it has no other layer"
+
+
+def _check_prunable(model: nn.Module, method: str, input_shape: tuple[int, ...]) -> None:
+    """Fail before the run when ``method`` finds nothing to prune, naming what it skips."""
+    from .criteria import CRITERIA, WEIGHT_METHODS
+    from .criteria.eigendamage import classifier_name, eigendamage_targets
+
+    output = classifier_name(model)
+    exclude = {output} if output else set()
+    if method == "eigendamage" or method in WEIGHT_METHODS:
+
+        def supported(m: nn.Module) -> bool:
+            return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+        if method == "eigendamage":
+            found = eigendamage_targets(model, exclude)
+        else:
+            found = [n for n, m in model.named_modules() if supported(m) and n not in exclude]
+        if not found:
+            raise ModelError(
+                f"no layer {method} can prune: it prunes nn.Linear and nn.Conv2d (groups=1) "
+                f"layers except the output layer {output!r}; "
+                + _unsupported_layers(model, supported)
+            )
+    elif method in CRITERIA:
+        from .structure import ChannelGroups
+
+        ref = next(model.parameters(), torch.zeros(()))
+        example = torch.zeros(input_shape, dtype=ref.dtype, device=ref.device)
+        groups = ChannelGroups.build(model, example, sorted(exclude))
+        if not len(groups):
+            why = "; ".join(f"{g}: {r}" for g, r in groups.skipped.items())
+            raise ModelError(
+                f"no channel group {method} can prune "
+                f"({why or f'no Conv2d/Linear layer besides the output layer {output!r}'})"
+            )
+
+
+# --------------------------------------------------------------------------- train
 
 
 def run_train(
@@ -68,43 +251,59 @@ def run_train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` from scratch; epoch checkpoints allow resume."""
-    out_dir = prepare_output_dir(out, force=force, resume=resume)
-    seed_everything(cfg.seed)
+    out_dir = check_output_dir(out, force=force, resume=resume)
+    if resume and (done := finished_metrics(out_dir)) is not None:
+        log(f"run {out_dir} is already finished")
+        return done
+    cfg = _absolute_paths(cfg)
     device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
     loaders = _loaders(cfg)
     spec = loaders.spec
     model = create_model(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
-    _write_run_files(out_dir, cfg)
-    start = time.perf_counter()
-    history = train(
-        model,
-        loaders.train,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule,
-        val_loader=loaders.val,
-        seed=cfg.seed,
-        device=device,
-        l1_bn=cfg.l1_bn,
-        checkpoint_path=out_dir / "train_checkpoint.pt",
-        resume=resume,
-        progress=progress,
-    )
-    seconds = time.perf_counter() - start
-    counts = count(model, (1, *spec.input_shape))
-    metrics = {
-        **_accuracy(model, loaders, device),
-        "params": counts.params,
-        "flops": counts.flops,
-        "seconds": {"train": seconds},
-        "history": history.to_dict(),
-    }
-    save_model(model.cpu(), out_dir / "model")
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    _check_forward(model, loaders, f"model {cfg.model!r}", cfg.dataset)
+    with _run_dir(out_dir, force=force, resume=resume):
+        _write_run_files(out_dir, cfg, device, resume)
+        start = time.perf_counter()
+        history = train(
+            model,
+            loaders.train,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            schedule=cfg.schedule,
+            val_loader=loaders.val,
+            seed=cfg.seed,
+            device=device,
+            l1_bn=cfg.l1_bn,
+            checkpoint_path=out_dir / TRAIN_CHECKPOINT,
+            resume=resume,
+            progress=progress,
+        )
+        seconds = time.perf_counter() - start
+        counts = count(model, (1, *spec.input_shape))
+        metrics = {
+            **_accuracy(model, loaders, device),
+            "params": counts.params,
+            "flops": counts.flops,
+            "seconds": {"train": seconds},
+            "history": history.to_dict(),
+        }
+        save_model(model.cpu(), out_dir / MODEL_DIR)
+        atomic_write_json(out_dir / METRICS_FILE, metrics)
     log(f"trained {cfg.model}: val {metrics['val_acc']:.4f}, test {metrics['test_acc']:.4f}")
     return metrics
+
+
+def _accuracy(model: nn.Module, loaders: Loaders, device: torch.device) -> dict[str, float]:
+    return {
+        "val_acc": evaluate(model, loaders.val, device=device).accuracy,
+        "test_acc": evaluate(model, loaders.test, device=device).accuracy,
+    }
+
+
+# --------------------------------------------------------------------------- prune
 
 
 def _finetuner(
@@ -133,7 +332,7 @@ def _finetuner(
             schedule=cfg.schedule,
             seed=seed + round_index,
             device=device,
-            checkpoint_path=out_dir / ROUNDS_DIR / f"finetune_{round_index}.pt",
+            checkpoint_path=_finetune_checkpoint(out_dir, round_index),
             resume=True,
             progress=progress,
         )
@@ -141,12 +340,49 @@ def _finetuner(
     return finetune
 
 
+def _finetune_checkpoint(out_dir: Path, round_index: int) -> Path:
+    return out_dir / ROUNDS_DIR / f"finetune_{round_index}.pt"
+
+
 def _last_finished_round(out_dir: Path) -> tuple[int, dict[str, Any]]:
     state_file = out_dir / ROUNDS_DIR / STATE_FILE
     if not state_file.is_file():
         return 0, {}
-    state = json.loads(state_file.read_text())
-    return int(state["finished_rounds"]), state
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        return int(state["finished_rounds"]), state
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{state_file} is unreadable ({exc}); delete {out_dir / ROUNDS_DIR} to redo all rounds"
+        ) from exc
+
+
+def _source_model(cfg: PruneConfig, num_classes: int, in_channels: int, log: Log) -> nn.Module:
+    """The model to prune: a checkpoint (safe model dir; state_dict/pickle files on request)
+    or, for experiments, an untrained registry model."""
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # weights are loaded over the init
+            return create_model(cfg.model, num_classes=num_classes, in_channels=in_channels)
+
+    if cfg.checkpoint is None:
+        model = create_model(cfg.model, num_classes=num_classes, in_channels=in_channels)
+        log(f"warning: pruning an untrained {cfg.model}; pass --checkpoint for a trained one")
+        return model
+    return load_model_file(
+        cfg.checkpoint, allow_pickle=cfg.allow_pickle, build=build if cfg.model else None
+    )
+
+
+def _check_checkpoint_outside(cfg: PruneConfig, out_dir: Path) -> None:
+    if cfg.checkpoint is None:
+        return
+    source, out = Path(cfg.checkpoint).resolve(), out_dir.resolve()
+    if source == out or out in source.parents:
+        raise ConfigError(
+            f"--checkpoint {cfg.checkpoint} lies inside the output directory {out_dir}, which "
+            "the run overwrites; choose another --out"
+        )
 
 
 def run_prune(
@@ -159,64 +395,80 @@ def run_prune(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Prune a model (a registry name, or a directory written by ``save_model``)."""
-    out_dir = prepare_output_dir(out, force=force, resume=resume)
-    seed_everything(cfg.seed)
+    out_dir = check_output_dir(out, force=force, resume=resume)
+    if resume and (done := finished_metrics(out_dir)) is not None:
+        log(f"run {out_dir} is already finished")
+        return done
+    cfg = _absolute_paths(cfg)
+    methods = available_methods()
+    if cfg.method not in methods:
+        raise ConfigError(unknown_name("method", cfg.method, methods))
+    if not resume:
+        _check_checkpoint_outside(cfg, out_dir)
     device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
     loaders = _loaders(cfg)
     spec = loaders.spec
     input_shape = (1, *spec.input_shape)
-    if cfg.checkpoint is not None:
-        original = load_model(cfg.checkpoint)
-    else:
-        original = create_model(
-            cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels
-        )
-        log(f"warning: pruning an untrained {cfg.model}; pass --checkpoint for a trained one")
-    original = original.to(device)
+    original = _source_model(cfg, spec.num_classes, spec.in_channels, log)
+    what = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else f"model {cfg.model!r}"
+    _check_forward(original, loaders, what, cfg.dataset)
+    _check_prunable(original, cfg.method, input_shape)
     finished, state = _last_finished_round(out_dir) if resume else (0, {})
-    _write_run_files(out_dir, cfg)
-    reference = count(original, input_shape)
     model = original
     if finished:
-        model = load_model(out_dir / ROUNDS_DIR / f"round_{finished}").to(device)
-        log(f"resuming after round {finished} of {cfg.rounds}")
-    before_acc = state.get("before") or _accuracy(original, loaders, device)
-    rounds_done: list[dict[str, Any]] = list(state.get("rounds", []))
+        try:
+            model = load_model(out_dir / ROUNDS_DIR / f"round_{finished}")
+        except ModelError as exc:
+            raise CheckpointError(
+                f"{exc}; delete {out_dir / ROUNDS_DIR / STATE_FILE} to redo all rounds"
+            ) from exc
+    with _run_dir(out_dir, force=force, resume=resume):
+        _write_run_files(out_dir, cfg, device, resume)
+        original = original.to(device)
+        model = model.to(device)
+        reference = count(original, input_shape)
+        if finished:
+            log(f"resuming after round {finished} of {cfg.rounds}")
+        before_acc = state.get("before") or _accuracy(original, loaders, device)
+        rounds_done: list[dict[str, Any]] = list(state.get("rounds", []))
 
-    def on_round(pruned: nn.Module, info: RoundInfo) -> None:
-        save_model(pruned, out_dir / ROUNDS_DIR / f"round_{info.round}")
-        rounds_done.append(_round_record(info, pruned, loaders, device))
-        atomic_write_json(
-            out_dir / ROUNDS_DIR / STATE_FILE,
-            {"finished_rounds": info.round, "before": before_acc, "rounds": rounds_done},
+        def on_round(pruned: nn.Module, info: RoundInfo) -> None:
+            save_model(pruned, out_dir / ROUNDS_DIR / f"round_{info.round}")
+            rounds_done.append(_round_record(info, pruned, loaders, device))
+            atomic_write_json(
+                out_dir / ROUNDS_DIR / STATE_FILE,
+                {"finished_rounds": info.round, "before": before_acc, "rounds": rounds_done},
+            )
+            # The round is safe in round_k/: its fine-tuning checkpoint is no longer needed.
+            _finetune_checkpoint(out_dir, info.round).unlink(missing_ok=True)
+
+        result = run_pruning(
+            model,
+            loaders.train,
+            method=cfg.method,
+            ratio=cfg.ratio,
+            target_params=cfg.target_params,
+            target_flops=cfg.target_flops,
+            rounds=cfg.rounds,
+            input_shape=input_shape,
+            per_layer_cap=cfg.per_layer_cap,
+            fisher=cfg.fisher,
+            fisher_batches=cfg.fisher_batches,
+            fisher_samples=cfg.fisher_samples,
+            damping=cfg.damping,
+            seed=cfg.seed,
+            device=device,
+            log=log,
+            finetune=_finetuner(cfg.finetune, loaders, out_dir, cfg.seed, device, progress),
+            start_round=finished + 1,
+            reference=reference,
+            on_round=on_round,
+            before_round=lambda r: reseed_loader(loaders.train, cfg.seed * 104729 + r),
         )
-
-    result = run_pruning(
-        model,
-        loaders.train,
-        method=cfg.method,
-        ratio=cfg.ratio,
-        target_params=cfg.target_params,
-        target_flops=cfg.target_flops,
-        rounds=cfg.rounds,
-        input_shape=input_shape,
-        per_layer_cap=cfg.per_layer_cap,
-        fisher=cfg.fisher,
-        fisher_batches=cfg.fisher_batches,
-        fisher_samples=cfg.fisher_samples,
-        damping=cfg.damping,
-        seed=cfg.seed,
-        device=device,
-        log=log,
-        finetune=_finetuner(cfg.finetune, loaders, out_dir, cfg.seed, device, progress),
-        start_round=finished + 1,
-        reference=reference,
-        on_round=on_round,
-        before_round=lambda r: reseed_loader(loaders.train, cfg.seed * 104729 + r),
-    )
-    metrics = _prune_metrics(result, reference, before_acc, loaders, device, rounds_done)
-    save_model(result.model.cpu(), out_dir / "model")
-    atomic_write_json(out_dir / "metrics.json", metrics)
+        metrics = _prune_metrics(result, reference, before_acc, loaders, device, rounds_done)
+        save_model(result.model.cpu(), out_dir / MODEL_DIR)
+        atomic_write_json(out_dir / METRICS_FILE, metrics)
     return metrics
 
 

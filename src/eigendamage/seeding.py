@@ -12,12 +12,16 @@ import platform
 import random
 import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = ["environment_info", "rng_state", "seed_everything", "set_rng_state"]
+
+_SOURCE = Path(__file__).resolve().parent
 
 
 def seed_everything(seed: int) -> None:
@@ -84,21 +88,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.to(dtype=torch.uint8, device="cpu") for s in cuda])
 
 
-def _git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
-    """HEAD of the git repo containing ``cwd``, or None when git or the repo is unavailable."""
+def _git(args: list[str], cwd: str | os.PathLike[str]) -> str | None:
+    """Output of ``git args`` in ``cwd``, or None when git or the repo is unavailable."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd or os.getcwd(),
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _source_repo(cwd: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
+    """Where to ask git: ``cwd``, or this package's source when git tracks it (an install
+    inside some other repo, e.g. a venv in a project, must not report that repo)."""
+    if cwd is not None:
+        return cwd
+    tracked = _git(["ls-files", "--error-unmatch", "__init__.py"], _SOURCE)
+    return _SOURCE if tracked else None
+
+
+def _git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """HEAD of the repo holding this package's source (or ``cwd``), or None: results name
+    the code that produced them whatever the working directory."""
+    repo = _source_repo(cwd)
+    return (_git(["rev-parse", "HEAD"], repo) or None) if repo is not None else None
+
+
+def _git_dirty(cwd: str | os.PathLike[str] | None = None) -> bool | None:
+    """Whether tracked files differ from HEAD (results of uncommitted code), or None."""
+    repo = _source_repo(cwd)
+    status = None if repo is None else _git(["status", "--porcelain", "--untracked-files=no"], repo)
+    return None if status is None else bool(status)
+
+
+def _package_version() -> str | None:
+    try:
+        return metadata.version("eigendamage")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def environment_info() -> dict[str, Any]:
@@ -116,6 +144,8 @@ def environment_info() -> dict[str, Any]:
         except Exception:
             cuda_device = None
     return {
+        "eigendamage": _package_version(),
+        "argv": list(sys.argv),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torchvision": tv_version,
@@ -124,4 +154,5 @@ def environment_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cuda_device": cuda_device,
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
     }

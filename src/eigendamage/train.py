@@ -37,6 +37,7 @@ __all__ = [
     "TrainingError",
     "evaluate",
     "lr_at",
+    "model_logits",
     "recalibrate_bn",
     "reseed_loader",
     "train",
@@ -116,7 +117,7 @@ def _split(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def _logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+def model_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Forward pass returning logits for plain tensors and HF-style ``.logits`` outputs."""
     out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     if isinstance(out, torch.Tensor):
@@ -210,7 +211,7 @@ def evaluate(
             for batch in loader:
                 inputs, targets = _split(batch)
                 inputs, targets = _to(inputs, dev), _to(targets, dev)
-                logits = _logits(model, inputs)
+                logits = model_logits(model, inputs)
                 total += F.cross_entropy(logits, targets, reduction="sum").item()
                 correct += (logits.argmax(dim=1) == targets).sum().item()
                 n += targets.shape[0]
@@ -256,7 +257,7 @@ def recalibrate_bn(
                 if batches is not None and i >= batches:
                     break
                 inputs = batch[0] if isinstance(batch, list | tuple) else batch
-                _logits(model, _to(inputs, dev))
+                model_logits(model, _to(inputs, dev))
                 seen += len(batch[1]) if isinstance(batch, list | tuple) and len(batch) > 1 else 1
     finally:
         for m, mom in zip(bns, momenta, strict=True):
@@ -454,7 +455,7 @@ def _train_epoch(
     for b, batch in enumerate(loader):
         inputs, targets = _split(batch)
         inputs, targets = _to(inputs, dev), _to(targets, dev)
-        logits = _logits(model, inputs)
+        logits = model_logits(model, inputs)
         loss = F.cross_entropy(logits, targets)
         if not torch.isfinite(loss):
             raise TrainingError(

@@ -217,6 +217,17 @@ def _output_layers(dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> tuple
     return tuple(sorted(found))
 
 
+def _reads_untraced_tensor(node: Any) -> bool:
+    """An elementwise op (e.g. a residual add) one of whose operands is a tensor outside the
+    traced graph -- the model input or a buffer -- whose channels cannot be removed, so the
+    channels coupled through that op cannot be removed either.  torch-pruning drops such
+    operands from its graph silently; autograd still lists them as ``None``."""
+    if node.type != tp.ops.OPTYPE.ELEMENTWISE or node.grad_fn is None:
+        return False
+    operands = getattr(node.grad_fn, "next_functions", ())
+    return len(operands) > 1 and any(fn is None for fn, _ in operands)
+
+
 def _kind(module: nn.Module) -> str:
     if isinstance(module, nn.Conv2d):
         depthwise = module.groups == module.in_channels == module.out_channels > 1
@@ -240,6 +251,8 @@ def _convert(
             reason = reason or f"unsupported member {names.get(module, 'parameter')!r}"
             continue
         if module not in names:  # torch-pruning's own ops (add, concat, reshape, ...)
+            if _reads_untraced_tensor(item.dep.target):
+                reason = reason or "coupled to the model input or a buffer by an elementwise op"
             continue
         if isinstance(module, nn.Conv2d) and module.groups > 1 and _kind(module) != "depthwise":
             reason = reason or f"grouped conv {names[module]!r} (groups={module.groups})"

@@ -13,7 +13,6 @@ from eigendamage.curvature import batched_eigh, collect_kfac, eigendecompose
 from eigendamage.errors import ConfigError, CurvatureError, ModelError
 
 
-
 @pytest.fixture(autouse=True)
 def float64_by_default():
     """Exactness checks in double precision, without leaking into other test modules."""
@@ -294,3 +293,120 @@ def test_errors_are_specific():
         collect_kfac(model, [])
     with pytest.raises(ModelError, match="not a submodule"):
         collect_kfac(model, loader_of(x, y), modules=["nope"])
+
+
+def test_label_draws_share_one_accumulation_of_a():
+    """A depends on the inputs only: several label draws must not re-accumulate (or rescale) it."""
+    model = small_cnn()
+    x = torch.randn(6, 4, 9, 9)
+    model(x)
+    data = loader_of(x, torch.zeros(6, dtype=torch.long), 3)
+    one = collect_kfac(model, data, samples=1, seed=2)
+    three = collect_kfac(model, data, samples=3, seed=2)
+    for name in one:
+        assert torch.equal(one[name].A, three[name].A)
+        assert one[name].a_count == three[name].a_count
+        assert three[name].num_examples == 3 * one[name].num_examples
+
+
+def test_label_draws_of_a_batch_do_not_depend_on_other_batches():
+    """Per-batch seeding: a rank that skips batches draws exactly what one process draws."""
+    from eigendamage.curvature.hooks import iterate_layer_calls, resolve_targets
+
+    model = mlp()
+    x = torch.randn(8, 5)
+    data = loader_of(x, torch.zeros(8, dtype=torch.long), 2)
+    targets = resolve_targets(model, None)
+    full = [calls["2"][0] for _, calls in iterate_layer_calls(model, data, targets, seed=4)]
+    odd = [
+        calls["2"][0]
+        for _, calls in iterate_layer_calls(model, data, targets, seed=4, shard=(1, 2))
+    ]
+    assert [c.batch for c in odd] == [1, 3]
+    for call in odd:
+        assert torch.equal(call.grad_output, full[call.batch].grad_output)
+
+
+@pytest.mark.parametrize("conv_mode", ["patch", "channel"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_max_dense_keeps_exactly_the_diagonal(conv_mode, padding_mode):
+    model = small_cnn(groups=2, padding_mode=padding_mode)
+    x, y = torch.randn(3, 4, 9, 9), torch.tensor([0, 2, 1])
+    model(x)
+    data = loader_of(x, y)
+    dense = collect_kfac(model, data, fisher="empirical", conv_mode=conv_mode)
+    small = collect_kfac(model, data, fisher="empirical", conv_mode=conv_mode, max_dense=1)
+    for name, f in dense.items():
+        g = small[name]
+        assert g.a_diagonal and g.A.shape == f.A.shape[:-1]
+        torch.testing.assert_close(g.A, torch.diagonal(f.A, dim1=-2, dim2=-1))
+        torch.testing.assert_close(g.dense_A(), torch.diag_embed(g.A))
+        torch.testing.assert_close(g.S, f.S)
+        assert g.a_count == f.a_count
+        if f.has_bias:
+            torch.testing.assert_close(g.A_no_bias, torch.diagonal(f.A_no_bias, dim1=-2, dim2=-1))
+
+
+def test_eigendecomposition_of_a_diagonal_factor_is_exact():
+    model = mlp()
+    x = torch.randn(8, 5)
+    data = loader_of(x, torch.zeros(8, dtype=torch.long))
+    factors = collect_kfac(model, data, max_dense=5)  # "0" (5 inputs + bias) goes diagonal
+    assert factors["0"].a_diagonal and not factors["2"].a_diagonal
+    e = eigendecompose(factors, drop_bias=True)["0"].A
+    assert (e.lam[1:] >= e.lam[:-1]).all()
+    torch.testing.assert_close(e.Q @ torch.diag(e.lam) @ e.Q.T, torch.diag(factors["0"].A[:-1]))
+
+
+def test_float32_policy_and_parallel_workers_match_the_float64_loop():
+    """fp32 for big float32 factors stays within float32 accuracy; float64 input is untouched;
+    worker threads give bit-identical results to the sequential loop."""
+    torch.manual_seed(0)
+    mats = []
+    for d in (40, 40, 70, 9):
+        z = torch.randn(d, 3 * d)
+        mats.append(z @ z.T / (3 * d))
+    ref = batched_eigh(mats, batched=False)
+    for (lam, q), (lam_ref, _), m in zip(
+        batched_eigh([m.float() for m in mats], fp32_above=30, workers=2), ref, mats, strict=True
+    ):
+        assert lam.dtype == q.dtype == torch.float32
+        scale = lam_ref.max()
+        assert (lam.double() - lam_ref).abs().max() < 1e-5 * scale
+        assert ((q.double() * lam.double()) @ q.double().T - m).abs().max() < 1e-5 * scale
+    for (lam, q), (lam_ref, q_ref) in zip(
+        batched_eigh(mats, fp32_above=30, workers=2), ref, strict=True
+    ):
+        assert torch.equal(lam, lam_ref) and torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=2, padding="same", dilation=2),  # asymmetric 'same' padding
+        dict(kernel_size=3, padding=2, stride=2, padding_mode="circular"),
+        dict(kernel_size=1),  # every pixel covered once: no weighting
+        dict(kernel_size=1, stride=2),  # 3 in 4 pixels never read: sliced away
+        dict(kernel_size=2, stride=3, padding=1),  # unread pixels not evenly spaced
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_a_is_the_offset_average_of_the_patch_a(conv, channels_last):
+    """Channel-mode A (coverage-weighted, never unfolded) = mean over kernel offsets of the
+    patch-mode A's diagonal offset blocks, whatever the padding and memory layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 5, bias=False, **conv), nn.Flatten(), nn.LazyLinear(3))
+    x, y = torch.randn(3, 4, 7, 7), torch.tensor([0, 2, 1])
+    model(x)
+    if channels_last:
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
+    data = loader_of(x, y)
+    patch = collect_kfac(model, data, fisher="empirical")["0"]
+    chan = collect_kfac(model, data, fisher="empirical", conv_mode="channel")["0"]
+    k = model[0].kernel_size[0] * model[0].kernel_size[1]
+    blocks = patch.A.view(4, k, 4, k).diagonal(dim1=1, dim2=3)  # (c, c', offset)
+    torch.testing.assert_close(chan.A, blocks.mean(-1))
+    torch.testing.assert_close(chan.S, patch.S)

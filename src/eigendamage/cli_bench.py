@@ -1,10 +1,112 @@
-"""`eigendamage bench ...` commands: the `bench` group, shared by the benchmark modules."""
+"""`eigendamage bench ...` commands: the `bench` group, shared by the benchmark modules.
+
+``bench kfac``, ``bench eigh`` and ``bench prune-step`` print a header line (machine, torch,
+settings) and a markdown table, ready to paste into ``docs/benchmarks.md``; the
+measurements live in :mod:`eigendamage.curvature.bench`.
+"""
 
 import typer
 
-from .cli import app, friendly_errors  # noqa: F401
-
+# Defined before importing .cli: cli.py imports this module at its end, and under
+# ``python -m eigendamage.cli`` that import re-enters here while we are half-initialised.
 bench_app = typer.Typer(
     help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True
 )
+
+from .cli import app, friendly_errors  # noqa: E402
+
 app.add_typer(bench_app, name="bench")
+
+
+def _header(device: str, settings: str) -> None:
+    from .curvature.bench import machine
+
+    typer.echo(f"# {machine(device)}")
+    typer.echo(f"# settings: {settings}")
+
+
+@bench_app.command("kfac")
+@friendly_errors
+def kfac_cmd(
+    workload: list[str] = typer.Option(
+        ["digits-vgg", "vgg19-cifar", "resnet18-32px"],
+        "--workload",
+        "-w",
+        help="digits-vgg, vgg19-cifar, resnet18-32px, resnet50-224, vit-s (repeatable)",
+    ),
+    batches: int = typer.Option(3, help="batches per pass (the same ones for every variant)"),
+    repeats: int = typer.Option(3, help="interleaved rounds; the minimum is reported"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    memory: bool = typer.Option(False, help="also peak memory (fresh process per pass)"),
+    channels_last: bool = typer.Option(False, help="model and inputs in channels_last"),
+) -> None:
+    """K-FAC collection (channel and patch mode) vs a plain forward+backward."""
+    from .curvature.bench import bench_kfac, bench_memory, markdown
+
+    _header(
+        device,
+        f"true Fisher, 1 draw, fp32; {batches} batches, min of {repeats} interleaved rounds"
+        + (", channels_last" if channels_last else ""),
+    )
+    typer.echo(
+        markdown(
+            bench_kfac(
+                workload,
+                batches=batches,
+                repeats=repeats,
+                device=device,
+                channels_last=channels_last,
+            )
+        )
+    )
+    if memory:
+        typer.echo("\n# peak memory above model + data (MiB)")
+        typer.echo(markdown(bench_memory(workload, device=device)))
+
+
+@bench_app.command("eigh")
+@friendly_errors
+def eigh_cmd(
+    workload: str = typer.Option("resnet50-224", "--workload", "-w"),
+    conv_mode: str = typer.Option("channel", help="channel (EigenDamage) | patch"),
+    batches: int = typer.Option(1, help="batches for the factors"),
+    repeats: int = typer.Option(2),
+    device: str = typer.Option("cpu"),
+    calibrate: bool = typer.Option(False, help="also the fp32 factors' own error vs fp64 sums"),
+) -> None:
+    """Eigendecomposition of all factors: sequential fp64 loop vs stacked/threaded, fp32."""
+    from .curvature.bench import bench_eigh, markdown
+
+    _header(device, f"{conv_mode}-mode factors of {workload} from {batches} batch(es)")
+    rows, info = bench_eigh(
+        workload,
+        conv_mode=conv_mode,
+        batches=batches,
+        repeats=repeats,
+        device=device,
+        calibrate=calibrate,
+    )
+    typer.echo(f"# {info}")
+    typer.echo(markdown(rows))
+
+
+@bench_app.command("prune-step")
+@friendly_errors
+def prune_step_cmd(
+    workload: str = typer.Option("vgg19-cifar", "--workload", "-w"),
+    batches: int = typer.Option(20, help="K-FAC batches"),
+    batch_size: list[int] = typer.Option([128], "--batch-size", help="repeatable"),
+    ratio: float = typer.Option(0.5, help="fraction of eigen-directions removed"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """One whole EigenDamage round (factors + eigh + scoring + surgery), per stage."""
+    from .curvature.bench import bench_prune_step, markdown
+
+    _header(device, f"eigendamage, ratio {ratio}, {batches} batches, true Fisher 1 draw")
+    typer.echo(
+        markdown(
+            bench_prune_step(
+                workload, batches=batches, batch_sizes=batch_size, ratio=ratio, device=device
+            )
+        )
+    )

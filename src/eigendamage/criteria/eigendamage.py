@@ -6,17 +6,45 @@ In the KFE the K-FAC Fisher of a layer is diagonal, ``F' = diag(lam_S) (x) diag(
 eigen-direction ``i`` costs the sum over ``o, k``; an output direction ``o`` the sum over
 ``i, k``.  All directions of all layers are ranked together by ``Delta L`` and the lowest
 fraction ``ratio`` is removed (a per-layer cap keeps at least ``1 - cap`` of each side).
+
+Which layers are targets (:func:`target_policy`): every ``nn.Linear``/``nn.Conv2d`` (and
+bottleneck core) except the excluded ones and those left dense because rewriting them
+would not be exact or not be affordable -- each skip comes with its reason:
+
+* grouped/depthwise convs (their eigenbasis would need a dense core, larger than the layer);
+* layers inside ``nn.MultiheadAttention``, whose projections are used as bare weights by
+  ``F.multi_head_attention_forward`` (torchvision ViT): never called as modules;
+* layers the forward pass never calls as modules (torchvision Swin passes ``qkv.weight`` to
+  a function; training-only auxiliary heads of GoogLeNet/Inception), found by one probe
+  forward in eval mode on ``example_inputs`` or, by default, the model's spec input;
+* weight sharing: a module reachable under two names, or whose parameters are also
+  registered on another module (tied embeddings/heads): replacing it at one path would
+  untie it.  A module *called* several times in one forward is supported: its K-FAC factors
+  sum over calls (extra locations, as for tokens) and the one replaced object serves every
+  call;
+* subclasses that override ``forward`` (timm ``Conv2dSame``/``StdConv2d``: dynamic padding,
+  weight standardisation): the surgery rebuilds plain layers and would drop that behaviour
+  (timm's ``Linear``, a plain ``F.linear``, is allowed);
+* layers with a side wider than ``max_side`` (VGG's 25088-input Linear): the ``O(d^3)``
+  eigendecomposition of a ``d x d`` factor would dominate the whole run;
+* Linear layers called on 4-D ``(N, H, W, C)`` inputs (ConvNeXt/Swin MLPs), only while
+  ``collect_kfac`` reads such output gradients in conv layout (checked at run time).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..curvature.factors import KFE
+from ..curvature.hooks import call_model, eval_mode, model_device, to_device
 from ..errors import ConfigError
 from ..surgery.eigenbasis import (
     Factored,
@@ -150,21 +178,170 @@ def apply_plan(model: nn.Module, rotated: dict[str, Factored], plan: EigenDamage
     return model
 
 
-def eigendamage_targets(model: nn.Module, exclude: set[str]) -> list[str]:
-    """Names of the layers EigenDamage works on: plain Linear/Conv2d (groups == 1) and
-    the cores of existing bottlenecks, minus ``exclude`` (by default the classifier)."""
-    names = []
+MAX_SIDE = 8192
+# Subclasses of nn.Linear/nn.Conv2d whose own forward computes exactly the plain layer.
+_PLAIN_SUBCLASSES = ("timm.layers.linear.Linear",)
+
+
+def eigendamage_targets(
+    model: nn.Module,
+    exclude: set[str],
+    *,
+    example_inputs: Any = None,
+    max_side: int = MAX_SIDE,
+) -> list[str]:
+    """Names of the layers EigenDamage works on (see :func:`target_policy`)."""
+    return target_policy(model, exclude, example_inputs=example_inputs, max_side=max_side)[0]
+
+
+def target_policy(
+    model: nn.Module,
+    exclude: Iterable[str],
+    *,
+    example_inputs: Any = None,
+    max_side: int = MAX_SIDE,
+) -> tuple[list[str], dict[str, str]]:
+    """``(targets, {layer left dense: reason})`` under the policy of the module docstring.
+
+    Targets are plain Linear/Conv2d layers and the cores of existing bottlenecks, minus
+    ``exclude`` (by default the classifier, which is not listed among the skipped).  The
+    probe forward runs on ``example_inputs`` when given, else on the input of the model's
+    ``eigendamage_spec`` (models from ``create_model``); other models are not probed.
+    """
+    exclude = set(exclude)
+    names_of: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of[id(module)].append(name)
+    owners: dict[int, set[str]] = defaultdict(set)
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)].add(pname.rpartition(".")[0])
+    inside_mha = {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
+    targets: list[str] = []
+    skipped: dict[str, str] = {}
     for name, module in model.named_modules():
         parent = name.rpartition(".")[0]
         if name in exclude or (parent and parent in exclude):
             continue
         if isinstance(module, KFEBottleneck):
-            names.append(f"{name}.core")
-        elif isinstance(module, (nn.Linear, nn.Conv2d)) and not _inside_bottleneck(model, name):
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                continue  # grouped/depthwise convs stay dense (see docs)
-            names.append(name)
-    return names
+            targets.append(f"{name}.core")
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or _inside_bottleneck(model, name):
+            continue
+        reason = _static_reason(module, name, names_of, owners, inside_mha, max_side)
+        if reason:
+            skipped[name] = reason
+        else:
+            targets.append(name)
+    calls = None
+    if example_inputs is not None and targets:
+        calls = _probe_calls(model, targets, example_inputs)
+    elif isinstance(getattr(model, "eigendamage_spec", None), dict) and targets:
+        from ..models.registry import example_input
+
+        try:
+            calls = _probe_calls(model, targets, example_input(model))
+        except Exception:  # a model altered after create_model: no probe, static rules only
+            calls = None
+    if calls is not None:
+        for name in list(targets):
+            ranks = calls[name]
+            if not ranks:
+                reason = "never called as a module in the forward pass (eval mode)"
+            elif (
+                4 in ranks
+                and isinstance(model.get_submodule(name), nn.Linear)
+                and not _kfac_reads_4d_linear()
+            ):
+                reason = "Linear on a 4-D (N, H, W, C) input: K-FAC reads it as conv layout"
+            else:
+                continue
+            targets.remove(name)
+            skipped[name] = reason
+    return targets, skipped
+
+
+def _static_reason(
+    module: nn.Module,
+    name: str,
+    names_of: dict[int, list[str]],
+    owners: dict[int, set[str]],
+    inside_mha: set[str],
+    max_side: int,
+) -> str | None:
+    """Why ``module`` (a Linear/Conv2d at ``name``) is left dense, or None."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"grouped conv (groups={module.groups})"
+    if name in inside_mha:
+        return "inside nn.MultiheadAttention (weights used functionally)"
+    aliases = [n for n in names_of[id(module)] if n != name]
+    if aliases:
+        return f"shared module, also at {aliases[0]!r}"
+    for param in module.parameters(recurse=False):
+        others = sorted(owners[id(param)] - set(names_of[id(module)]))
+        if others:
+            return f"tied parameter, also in {others[0]!r}"
+    if not _plain(module):
+        return f"{type(module).__name__} overrides forward"
+    sides = (
+        (module.in_features, module.out_features)
+        if isinstance(module, nn.Linear)
+        else (module.in_channels, module.out_channels)
+    )
+    if max(sides) > max_side:
+        return f"too wide for the eigendecomposition ({max(sides)} > max_side={max_side})"
+    return None
+
+
+def _plain(module: nn.Module) -> bool:
+    """True when ``module`` computes exactly the plain nn.Linear/nn.Conv2d of its weights."""
+    cls = type(module)
+    if cls in (nn.Linear, nn.Conv2d) or f"{cls.__module__}.{cls.__qualname__}" in _PLAIN_SUBCLASSES:
+        return True
+    if isinstance(module, nn.Conv2d):
+        return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    return cls.forward is nn.Linear.forward
+
+
+def _probe_calls(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, list[int]]:
+    """The input rank of every call of each named module in one eval-mode forward."""
+    calls: dict[str, list[int]] = {n: [] for n in names}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            calls[name].append(args[0].dim() if args and torch.is_tensor(args[0]) else 0)
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with eval_mode(model), torch.no_grad():
+            call_model(model, to_device(example_inputs, model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+@functools.cache
+def _kfac_reads_4d_linear() -> bool:
+    """Whether ``collect_kfac`` gets S right for a Linear on a 4-D ``(N, H, W, C)`` input
+    (ConvNeXt/Swin MLPs).  Checked once on a toy layer, so that the skip rule above lifts
+    itself as soon as the curvature code dispatches on the layer type instead of the rank."""
+    from ..curvature import collect_kfac
+
+    with torch.random.fork_rng(devices=[]):  # the toy layer's init must not move the RNG
+        layer = nn.Sequential(nn.Linear(3, 2))
+        batch = (torch.randn(1, 4, 5, 3), torch.zeros(1, 4, 5, dtype=torch.long))
+        try:
+            factors = collect_kfac(layer, [batch], modules=["0"])
+        except Exception:  # any failure means: not supported
+            return False
+    return tuple(factors["0"].S.shape) == (2, 2)
 
 
 def _inside_bottleneck(model: nn.Module, name: str) -> bool:

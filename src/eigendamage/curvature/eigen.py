@@ -1,18 +1,35 @@
 """Eigendecompositions of Kronecker factors: the Kronecker-factored eigenbasis (KFE).
 
-Factors of equal size are stacked and decomposed in one batched ``torch.linalg.eigh`` call
-(far fewer kernel launches / LAPACK calls than a Python loop), in float64 by default since
-factors of trained nets are badly conditioned.
+Cost is ``O(d^3)`` per factor and dominated by the few largest ones, so the policy is:
+
+* **precision**: float64 by default (factors of trained nets are badly conditioned); float32
+  factors with a side above ``fp32_above`` are decomposed in float32.  Such a factor was
+  accumulated in float32 and is only known to ``~eps32 * ||M||``; a float32 ``eigh``
+  (backward error of the same order) loses little that float64 could recover from it, at a
+  fraction of the cost (accuracy and speed: ``benchmarks/eigh_bench.py``).
+* **scheduling**: on CUDA, factors of equal size are stacked into one batched
+  ``torch.linalg.eigh`` call (few kernel launches).  On CPU a batched call is only a loop
+  over LAPACK, whose tridiagonal reduction is memory-bound and scales poorly with threads;
+  there the factors are spread, largest first, over one worker thread per core, each
+  running single-threaded LAPACK.
+* **distribution**: under ``torch.distributed`` each rank decomposes a cost-balanced share
+  and all results are broadcast (:mod:`.distributed`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..errors import ConfigError, CurvatureError
+from .distributed import distributed_eigh, group_info
 from .factors import KFE, Eigen, KFactors
+
+EighResult = tuple[torch.Tensor, torch.Tensor]
+DEFAULT_FP32_ABOVE = 1024
 
 
 def damped(lam: torch.Tensor, damping: float) -> torch.Tensor:
@@ -28,45 +45,92 @@ def damped(lam: torch.Tensor, damping: float) -> torch.Tensor:
     return lam + damping * lam.mean(dim=-1, keepdim=True)
 
 
-def batched_eigh(
-    mats: list[torch.Tensor], dtype: torch.dtype = torch.float64, batched: bool = True
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``eigh`` of many symmetric matrices (each ``(..., d, d)``), batched by size.
+def _sym(m: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (m + m.transpose(-1, -2))
 
-    Returns ``(lam, Q)`` per input with eigenvalues clipped at 0 (factors are PSD; tiny
-    negative values are round-off) and in the input's dtype.
+
+def _eigh(stack: torch.Tensor, dtype: torch.dtype) -> EighResult:
+    """``eigh`` of a ``(B, d, d)`` stack computed in ``dtype``."""
+    try:
+        return torch.linalg.eigh(_sym(stack.to(dtype)))
+    except torch.linalg.LinAlgError as err:  # pragma: no cover - LAPACK failure
+        raise CurvatureError(
+            f"eigendecomposition of {stack.shape[0]} factor(s) of size {stack.shape[-1]} "
+            f"failed ({err}); raise the damping or use more batches"
+        ) from err
+
+
+def batched_eigh(
+    mats: Sequence[torch.Tensor],
+    dtype: torch.dtype = torch.float64,
+    batched: bool = True,
+    *,
+    fp32_above: int | None = None,
+    workers: int | None = None,
+) -> list[EighResult]:
+    """``eigh`` of many symmetric matrices (each ``(..., d, d)``) -> ``(lam, Q)`` per input.
+
+    Eigenvalues are ascending, clipped at 0 (factors are PSD; tiny negative values are
+    round-off) and returned with ``Q`` in the input's dtype.  ``batched=False`` is the plain
+    sequential loop (the reference).  ``fp32_above``: float32 (or lower) matrices with a
+    side larger than this are decomposed in float32 (None: never); float64 input always
+    stays float64.  ``workers``: CPU worker
+    threads (default: ``torch.get_num_threads()``).
     """
-    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mats)
+    mats = list(mats)
     if not batched:
-        for i, m in enumerate(mats):
-            lam, q = torch.linalg.eigh(_sym(m.to(dtype)))
-            results[i] = (lam.clamp_min(0).to(m.dtype), q.to(m.dtype))
-        return results  # type: ignore[return-value]
+        return [_finish(m, *_eigh(m.reshape(-1, *m.shape[-2:]), dtype)) for m in mats]
+
+    def precision(m: torch.Tensor) -> torch.dtype:
+        low = m.dtype.itemsize <= 4 and fp32_above is not None and m.shape[-1] > fp32_above
+        return torch.float32 if low else dtype
+
+    results: list[EighResult | None] = [None] * len(mats)
+    cpu = [i for i, m in enumerate(mats) if m.device.type == "cpu"]
     by_size: dict[tuple, list[int]] = defaultdict(list)
     for i, m in enumerate(mats):
-        by_size[(m.shape[-1], m.device)].append(i)
+        if m.device.type != "cpu":
+            by_size[(m.shape[-1], m.device)].append(i)
     for (d, _), idx in by_size.items():
-        stack = torch.cat([mats[i].reshape(-1, d, d) for i in idx]).to(dtype)
-        try:
-            lam, q = torch.linalg.eigh(_sym(stack))
-        except torch.linalg.LinAlgError as err:  # pragma: no cover - LAPACK failure
-            raise CurvatureError(
-                f"eigendecomposition of {len(idx)} factor(s) of size {d} failed ({err}); "
-                "raise the damping or use more batches"
-            ) from err
+        stack = torch.cat([mats[i].reshape(-1, d, d) for i in idx])
+        lam, q = _eigh(stack, precision(stack))
         start = 0
         for i in idx:
-            m = mats[i]
-            count = m.reshape(-1, d, d).shape[0]
-            lam_i = lam[start : start + count].reshape(*m.shape[:-1])
-            q_i = q[start : start + count].reshape(m.shape)
-            results[i] = (lam_i.clamp_min(0).to(m.dtype), q_i.to(m.dtype))
+            count = mats[i].reshape(-1, d, d).shape[0]
+            results[i] = _finish(mats[i], lam[start : start + count], q[start : start + count])
             start += count
+
+    def one(i: int) -> EighResult:
+        m = mats[i]
+        return _finish(m, *_eigh(m.reshape(-1, *m.shape[-2:]), precision(m)))
+
+    workers = workers or torch.get_num_threads()
+    order = sorted(cpu, key=lambda i: -mats[i].numel() * mats[i].shape[-1])  # largest first
+    if workers <= 1 or len(order) <= 1:
+        for i in order:
+            results[i] = one(i)
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one LAPACK thread per worker: no oversubscription
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for i, res in zip(order, pool.map(one, order), strict=True):
+                    results[i] = res
+        finally:
+            torch.set_num_threads(threads)
     return results  # type: ignore[return-value]
 
 
-def _sym(m: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (m + m.transpose(-1, -2))
+def _finish(m: torch.Tensor, lam: torch.Tensor, q: torch.Tensor) -> EighResult:
+    return lam.reshape(m.shape[:-1]).clamp_min(0).to(m.dtype), q.reshape(m.shape).to(m.dtype)
+
+
+def _diagonal_eigen(diag: torch.Tensor) -> EighResult:
+    """Eigendecomposition of ``diag(v)`` (a ``max_dense`` fallback factor): sorted ``v`` and
+    the matching permutation matrix, exact and without any ``O(d^3)`` work."""
+    lam, order = diag.clamp_min(0).sort(dim=-1)
+    eye = torch.eye(diag.shape[-1], dtype=diag.dtype, device=diag.device)
+    return lam, eye[:, order] if diag.dim() == 1 else torch.stack([eye[:, o] for o in order])
 
 
 def eigendecompose(
@@ -76,22 +140,41 @@ def eigendecompose(
     dtype: torch.dtype = torch.float64,
     batched: bool = True,
     drop_bias: bool = False,
+    fp32_above: int | None = DEFAULT_FP32_ABOVE,
+    distributed: bool | None = None,
 ) -> dict[str, KFE]:
     """The KFE of every layer: ``A = Q_A diag(lam_A) Q_A^T`` and likewise for ``S``.
 
     ``damping`` is relative (see :func:`damped`) and applied to the eigenvalues.
     ``drop_bias`` decomposes ``A`` without its bias coordinate.  ``KFE.diag`` is the K-FAC
     Fisher diagonal in the eigenbasis, ``lam_S[o] * lam_A[i]`` (``(..., d_out, d_in)``).
+    ``fp32_above`` (default 1024; None = float64 throughout) and the scheduling are
+    described in the module docstring.  ``distributed`` (None: whenever a process group
+    with several ranks is initialised) splits the work over the ranks; every rank must call.
     """
     names = list(factors)
     mats: list[torch.Tensor] = []
+    slots: list[int | EighResult] = []
     for n in names:
         f = factors[n]
-        mats += [f.A_no_bias if drop_bias else f.A, f.S]
-    decomposed = batched_eigh(mats, dtype=dtype, batched=batched)
+        a = f.A_no_bias if drop_bias else f.A
+        if f.a_diagonal:
+            slots.append(_diagonal_eigen(a))
+        else:
+            slots.append(len(mats))
+            mats.append(a)
+        slots.append(len(mats))
+        mats.append(f.S)
+
+    def decompose(part: list[torch.Tensor]) -> list[EighResult]:
+        return batched_eigh(part, dtype=dtype, batched=batched, fp32_above=fp32_above)
+
+    info = group_info(distributed)
+    decomposed = decompose(mats) if info is None else distributed_eigh(mats, decompose, *info)
+    results = [decomposed[s] if isinstance(s, int) else s for s in slots]
     out: dict[str, KFE] = {}
     for k, n in enumerate(names):
-        (lam_a, q_a), (lam_s, q_s) = decomposed[2 * k], decomposed[2 * k + 1]
+        (lam_a, q_a), (lam_s, q_s) = results[2 * k], results[2 * k + 1]
         lam_a, lam_s = damped(lam_a, damping), damped(lam_s, damping)
         out[n] = KFE(
             A=Eigen(q_a, lam_a),

@@ -16,6 +16,10 @@ order of ``weight.flatten()`` (bias as a last column) the Fisher block is ``kron
 For a grouped convolution (``groups > 1``) the factors carry a leading group dimension:
 ``A`` is ``(groups, d_in/groups, d_in/groups)`` and ``S`` is
 ``(groups, d_out/groups, d_out/groups)``; the Fisher is block diagonal over groups.
+
+Layers whose ``A`` would be too large to hold densely (``collect_kfac(max_dense=...)``)
+keep only its diagonal: ``A`` is then ``(d_in,)`` (``(groups, d_in/groups)``) and
+``a_diagonal`` is True; the Fisher block is ``S (x) diag(A)``.
 """
 
 from __future__ import annotations
@@ -42,11 +46,19 @@ class KFactors:
     groups: int = 1
     num_examples: int = 0
     extra: dict = field(default_factory=dict)
+    a_diagonal: bool = False
+    a_count: int = 0  # rows behind A (examples x locations [x offsets]); weights a merge
 
     @property
     def A_no_bias(self) -> torch.Tensor:
         """A without the trailing homogeneous (bias) coordinate."""
-        return self.A[..., :-1, :-1] if self.has_bias else self.A
+        if not self.has_bias:
+            return self.A
+        return self.A[..., :-1] if self.a_diagonal else self.A[..., :-1, :-1]
+
+    def dense_A(self) -> torch.Tensor:
+        """A as a (possibly huge) dense matrix, for consumers that need the full factor."""
+        return torch.diag_embed(self.A) if self.a_diagonal else self.A
 
 
 @dataclass

@@ -10,7 +10,10 @@ GEMMs are spent.
 
 For the *true* Fisher the labels are sampled from the model's own predictive distribution
 (``samples`` draws per input, one backward each); for the *empirical* Fisher the dataset
-labels are used.
+labels are used.  The label generator is reseeded per batch from ``(seed, batch index)``,
+so a batch's draws do not depend on which other batches were processed -- which is what
+lets ranks of a distributed job each take a share of the batches and still reproduce the
+single-process statistics exactly.
 """
 
 from __future__ import annotations
@@ -31,10 +34,22 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 @dataclass
 class LayerCall:
-    """One call of a target layer in one batch: its input and the gradient at its output."""
+    """One call of a target layer in one batch: its input and the gradient at its output.
+
+    ``draw`` numbers the label draws of the batch (true Fisher, ``samples > 1``): the input
+    is the same tensor for every draw, so input-side statistics need only draw 0.
+    ``batch`` is the batch's index in the loader.
+    """
 
     inputs: torch.Tensor
     grad_output: torch.Tensor
+    draw: int = 0
+    batch: int = 0
+
+
+def batch_seed(seed: int, step: int) -> int:
+    """Seed of the label draws of batch ``step`` (a fixed mix of the two, non-negative)."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def resolve_targets(
@@ -136,11 +151,16 @@ def iterate_layer_calls(
     samples: int = 1,
     seed: int = 0,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, dict[str, list[LayerCall]]]]:
     """Yield ``(num_examples, {layer name: [LayerCall, ...]})`` per batch and label draw.
 
     A layer called several times in one forward (weight sharing) yields one LayerCall per
     call; callers treat each call as extra locations of the same layer.
+
+    ``shard=(rank, world_size)`` processes only the batches whose index ``i`` (among the
+    first ``batches``) has ``i % world_size == rank``.  Every batch is still drawn from the
+    loader, so loaders with stateful shuffling or augmentation stay in step across ranks.
     """
     if fisher not in FISHER_TYPES:
         raise ConfigError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -150,8 +170,11 @@ def iterate_layer_calls(
         raise ConfigError("the empirical Fisher uses the dataset labels: samples must be 1")
     if batches is not None and batches < 1:
         raise ConfigError(f"batches must be >= 1 or None, got {batches}")
+    rank, world = shard if shard is not None else (0, 1)
+    if not 0 <= rank < world:
+        raise ConfigError(f"shard must be (rank, world_size) with 0 <= rank < world, got {shard}")
     device = torch.device(device) if device is not None else model_device(model)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device)
 
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in targets}
     zero = torch.zeros((), device=device, requires_grad=True)
@@ -173,6 +196,8 @@ def iterate_layer_calls(
             for step, batch in enumerate(loader):
                 if batches is not None and step >= batches:
                     break
+                if step % world != rank:
+                    continue
                 inputs, labels = _split_batch(batch, step)
                 inputs = to_device(inputs, device)
                 for calls in records.values():
@@ -189,6 +214,7 @@ def iterate_layer_calls(
                 if fisher == "empirical":
                     draws = [to_device(labels, device)]
                 else:
+                    generator.manual_seed(batch_seed(seed, step))
                     with torch.no_grad():
                         probs = torch.softmax(logits.detach().float(), dim=-1)
                         flat = probs.reshape(-1, probs.shape[-1])
@@ -214,7 +240,7 @@ def iterate_layer_calls(
                             g = next(it)
                             if g is None:
                                 g = torch.zeros_like(out)
-                            per_layer[n].append(LayerCall(inp, g.detach()))
+                            per_layer[n].append(LayerCall(inp, g.detach(), k, step))
                     yield logits.shape[0], per_layer
     finally:
         for h in handles:

@@ -1,7 +1,18 @@
 """K-FAC factor collection: ``F ~= A (x) S`` per Linear/Conv2d layer, streamed over batches.
 
-Factors are running sums of GEMMs over the batch (no per-example storage), normalised at
-the end to the scale convention documented in :mod:`eigendamage.curvature.factors`.
+Factors are running sums of GEMMs over the batch (no per-example storage: peak memory is one
+batch's activations plus the factors), normalised at the end to the scale convention
+documented in :mod:`eigendamage.curvature.factors`.
+
+* ``A`` depends on the inputs only, so with several label draws per batch (``samples > 1``)
+  it is accumulated once per batch, not once per draw.
+* ``max_dense`` caps the side of a dense ``A``: a larger one (e.g. a Linear with 25k inputs,
+  or a patch-mode conv A over ``c_in*kh*kw``) is kept as its diagonal, computed without
+  materialising the unfolded patches.  Memory ``O(d)`` instead of ``O(d^2)``, no ``O(d^3)``
+  eigendecomposition; the price is ignoring input correlations in that layer.
+* Under ``torch.distributed`` each rank takes every ``world_size``-th batch and the sums and
+  counts are all-reduced before normalising (see :mod:`.distributed`), so every rank ends
+  with the single-process factors of the same batches.
 """
 
 from __future__ import annotations
@@ -9,16 +20,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, CurvatureError
+from .distributed import all_reduce_sum_, group_info
 from .factors import KFactors
-from .hooks import LayerCall, iterate_layer_calls, resolve_targets
+from .hooks import LayerCall, iterate_layer_calls, model_device, resolve_targets
 from .patches import (
     append_ones,
     channel_second_moment,
+    conv_output_locations,
+    coverage,
     grad_rows,
     linear_rows,
+    output_gram,
+    pad_input,
     unfold_patches,
 )
 
@@ -38,14 +55,51 @@ def input_rows(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-class _Accumulator:
-    """Running sums for one layer."""
+def factor_sides(module: nn.Module, kind: str) -> tuple[int, int, int]:
+    """``(groups, side of A, side of S)`` per group, from the layer's shape alone."""
+    bias = int(module.bias is not None and kind != "conv_channel")
+    if isinstance(module, nn.Linear):
+        return 1, module.in_features + bias, module.out_features
+    g = module.groups
+    k = module.kernel_size[0] * module.kernel_size[1] if kind == "conv_patch" else 1
+    return g, module.in_channels // g * k + bias, module.out_channels // g
 
-    def __init__(self, module: nn.Module, conv_mode: str, diag: bool, dtype: torch.dtype):
+
+def input_gram(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``sum a a^T`` over rows per group (``(G, D, D)``, bias coordinate included) and the
+    row count.  The bias row/column -- the row sums and the count -- is filled in after
+    the GEMM instead of appending a column of ones, which would copy all the rows."""
+    rows = unfold_patches(x, module) if isinstance(module, nn.Conv2d) else linear_rows(x)
+    flat = rows.transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])  # (G, M, D)
+    gram = flat.transpose(1, 2) @ flat
+    if module.bias is None:
+        return gram, flat.shape[1]
+    g, d = gram.shape[0], gram.shape[-1]
+    out = gram.new_empty(g, d + 1, d + 1)
+    out[:, :d, :d] = gram
+    sums = flat.sum(1)
+    out[:, :d, d] = sums
+    out[:, d, :d] = sums
+    out[:, d, d] = flat.shape[1]
+    return out, flat.shape[1]
+
+
+class _Accumulator:
+    """Running sums for one layer (``A``, ``S``, optional diagonal Fisher) and row counts."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        conv_mode: str,
+        diag: bool,
+        dtype: torch.dtype,
+        max_dense: int | None,
+    ):
         self.module = module
         self.kind = "linear" if isinstance(module, nn.Linear) else f"conv_{conv_mode}"
         self.want_diag = diag
         self.dtype = dtype
+        self.max_dense = max_dense
         self.groups = getattr(module, "groups", 1)
         self.has_bias = module.bias is not None and self.kind != "conv_channel"
         self.A: torch.Tensor | None = None
@@ -53,26 +107,45 @@ class _Accumulator:
         self.diag: torch.Tensor | None = None
         self.a_count = 0
 
+    @property
+    def a_diagonal(self) -> bool:
+        """Keep only diag(A)?  Decided from the layer's shape, so every rank agrees."""
+        return (
+            self.max_dense is not None and factor_sides(self.module, self.kind)[1] > self.max_dense
+        )
+
     def add(self, call: LayerCall) -> None:
-        g = grad_rows(call.grad_output.to(self.dtype), self.groups)  # (N, G, T, Og)
-        groups, og = g.shape[1], g.shape[3]
-        g_flat = g.transpose(0, 1).reshape(groups, -1, og)
-        self.S = _add(self.S, g_flat.transpose(1, 2) @ g_flat)
+        grad = call.grad_output.to(self.dtype)
+        self.S = _add(self.S, output_gram(grad, self.groups))
         x = call.inputs.to(self.dtype)
-        if self.kind == "conv_channel":
-            m, count = channel_second_moment(x, self.module)
-            self.A = _add(self.A, m)
-            self.a_count += count
-            return
-        a = input_rows(self.module, x)  # (N, G, T, D)
-        a_flat = a.transpose(0, 1).reshape(groups, -1, a.shape[-1])
-        self.A = _add(self.A, a_flat.transpose(1, 2) @ a_flat)
-        self.a_count += a_flat.shape[1]
         if self.want_diag:
+            g, a = grad_rows(grad, self.groups), input_rows(self.module, x)
             self.diag = _add(self.diag, per_example_square_sum(g, a))
+        if call.draw > 0:
+            return  # A depends on the inputs only: one accumulation per batch
+        if self.a_diagonal:
+            m, count = diagonal_second_moment(x, self.module, self.kind)
+        elif self.kind == "conv_channel":
+            m, count = channel_second_moment(x, self.module)
+        else:
+            m, count = input_gram(self.module, x)
+        self.A = _add(self.A, m)
+        self.a_count += count
+
+    def sums(self, device: torch.device) -> list[torch.Tensor]:
+        """The running sums (zeros where this process saw no data), for an all-reduce."""
+        g, da, ds = factor_sides(self.module, self.kind)
+        if self.A is None:
+            shape = (g, da) if self.a_diagonal else (g, da, da)
+            self.A = torch.zeros(shape, dtype=self.dtype, device=device)
+        if self.S is None:
+            self.S = torch.zeros(g, ds, ds, dtype=self.dtype, device=device)
+        if self.want_diag and self.diag is None:  # diag implies patch mode: D = side of A
+            self.diag = torch.zeros(g, ds, da, dtype=self.dtype, device=device)
+        return [t for t in (self.A, self.S, self.diag) if t is not None]
 
     def finish(self, num_examples: int) -> KFactors:
-        if self.A is None or self.S is None:
+        if self.A is None or self.S is None or self.a_count == 0:
             raise CurvatureError(f"layer of kind {self.kind} never received data")
         squeeze = (lambda t: t[0]) if self.groups == 1 else (lambda t: t)
         extra = {}
@@ -80,14 +153,46 @@ class _Accumulator:
             # (G, Og, D) -> (out, D): output channels are group-major.
             extra["diag"] = self.diag.reshape(-1, self.diag.shape[-1]) / num_examples
         return KFactors(
-            A=squeeze(self.A / max(self.a_count, 1)),
+            A=squeeze(self.A / self.a_count),
             S=squeeze(self.S / num_examples),
             kind=self.kind,
             has_bias=self.has_bias,
             groups=self.groups,
             num_examples=num_examples,
             extra=extra,
+            a_diagonal=self.a_diagonal,
+            a_count=self.a_count,
         )
+
+
+def diagonal_second_moment(
+    x: torch.Tensor, module: nn.Module, kind: str
+) -> tuple[torch.Tensor, int]:
+    """``diag(sum a a^T)`` per group (``(G, D)``) and the row count, never unfolding ``x``.
+
+    Patch mode: the squared input summed over examples, unfolded once (one image, not N)
+    and summed over locations.  Channel mode: squares weighted by the pixel coverage.
+    """
+    if isinstance(module, nn.Linear):
+        rows = linear_rows(x)[:, 0].reshape(-1, x.shape[-1])
+        d = rows.square().sum(0, keepdim=True)
+        count = rows.shape[0]
+    else:
+        xp = pad_input(x, module)
+        sq = xp.square().sum(0, keepdim=True)  # (1, C, H, W)
+        if kind == "conv_channel":
+            cov = coverage(module, xp.shape[-2:], xp.device, xp.dtype)
+            d = (sq[0] * cov).sum((-1, -2))
+            k = module.kernel_size[0] * module.kernel_size[1]
+            count = x.shape[0] * conv_output_locations(module, xp.shape[-2:]) * k
+        else:
+            cols = F.unfold(sq, module.kernel_size, dilation=module.dilation, stride=module.stride)
+            d = cols[0].sum(-1)
+            count = x.shape[0] * cols.shape[-1]
+        d = d.reshape(module.groups, -1)
+    if module.bias is not None and kind != "conv_channel":
+        d = torch.cat([d, d.new_full((d.shape[0], 1), count)], dim=-1)
+    return d, int(count)
 
 
 def per_example_square_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -123,6 +228,9 @@ def collect_kfac(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int], None] | None = None,
+    max_dense: int | None = None,
+    distributed: bool | None = None,
+    shard_batches: bool = True,
 ) -> dict[str, KFactors]:
     """Estimate K-FAC factors of every Linear/Conv2d layer (or of ``modules``).
 
@@ -136,7 +244,16 @@ def collect_kfac(
         diag: also estimate the exact diagonal Fisher (``extra["diag"]``, shaped like
             ``weight.flatten(1)`` plus a bias column) from per-example gradients.
         dtype: accumulation dtype (float32, or float64 for reference computations).
-        progress: called with the batch index after each batch.
+        progress: called with the batch's index in the loader after each batch that this
+            process computed.
+        max_dense: layers whose A side (per group, bias included) exceeds this keep only
+            diag(A) (``KFactors.a_diagonal``); None: always dense.
+        distributed: all-reduce over the default process group; None: whenever one with
+            several ranks is initialised.  Every rank must call with the same arguments.
+        shard_batches: when distributed, rank ``r`` computes the batches ``i`` with
+            ``i % world_size == r`` (every rank iterates the same loader; ``batches`` counts
+            batches overall).  False: the loader is already split per rank (e.g. by a
+            ``DistributedSampler``) and ``batches`` counts per rank.
 
     The model's parameters, ``.grad``, ``requires_grad`` flags, train/eval modes and
     BatchNorm statistics are left exactly as they were.
@@ -145,32 +262,55 @@ def collect_kfac(
         raise ConfigError(f"conv_mode must be one of {CONV_MODES}, got {conv_mode!r}")
     if diag and conv_mode == "channel":
         raise ConfigError("the diagonal Fisher is defined in patch mode (conv_mode='patch')")
+    if max_dense is not None and max_dense < 1:
+        raise ConfigError(f"max_dense must be >= 1 or None, got {max_dense}")
+    info = group_info(distributed)
     targets = resolve_targets(model, modules)
-    accs = {n: _Accumulator(m, conv_mode, diag, dtype) for n, m in targets.items()}
+    accs = {n: _Accumulator(m, conv_mode, diag, dtype, max_dense) for n, m in targets.items()}
     num_examples = 0
-    for step, (n, per_layer) in enumerate(
-        iterate_layer_calls(
-            model,
-            loader,
-            targets,
-            fisher=fisher,
-            batches=batches,
-            samples=samples,
-            seed=seed,
-            device=device,
-        )
+    for n, per_layer in iterate_layer_calls(
+        model,
+        loader,
+        targets,
+        fisher=fisher,
+        batches=batches,
+        samples=samples,
+        seed=seed,
+        device=device,
+        shard=info if shard_batches else None,
     ):
-        num_examples += n
+        num_examples += n  # once per label draw: S sums over draws, A over inputs only
         for name, calls in per_layer.items():
             for call in calls:
                 accs[name].add(call)
-        if progress is not None:
-            progress(step)
+        first = next(c for calls in per_layer.values() for c in calls)
+        if progress is not None and first.draw == samples - 1:
+            progress(first.batch)
+    if info is not None:
+        num_examples = _all_reduce_accumulators(accs, num_examples, device, model)
     if num_examples == 0:
         raise CurvatureError("the data loader yielded no batches: cannot estimate curvature")
     factors = {name: acc.finish(num_examples) for name, acc in accs.items()}
     check_finite(factors)
     return factors
+
+
+def _all_reduce_accumulators(
+    accs: dict[str, _Accumulator],
+    num_examples: int,
+    device: torch.device | str | None,
+    model: nn.Module,
+) -> int:
+    """Sum every rank's running sums and counts in place; returns the global example count."""
+    dev = torch.device(device) if device is not None else model_device(model)
+    tensors = [t for acc in accs.values() for t in acc.sums(dev)]
+    counts = torch.tensor(
+        [num_examples, *(acc.a_count for acc in accs.values())], dtype=torch.float64, device=dev
+    )
+    all_reduce_sum_([*tensors, counts])
+    for acc, c in zip(accs.values(), counts[1:].tolist(), strict=True):
+        acc.a_count = int(c)
+    return int(counts[0].item())
 
 
 def check_finite(factors: dict[str, KFactors]) -> None:

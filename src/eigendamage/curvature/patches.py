@@ -13,24 +13,31 @@ input exist:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def pad_input(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Apply a conv's padding explicitly (so every padding mode is handled alike)."""
+def padding_amounts(conv: nn.Conv2d) -> list[int]:
+    """``[left, right, top, bottom]`` padding of a conv (``F.pad`` order), 'same' included."""
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return x
+            return [0, 0, 0, 0]
         # 'same': total padding dilation*(k-1), extra on the right/bottom like PyTorch.
         pads: list[int] = []
         for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation), strict=True):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-    else:
-        ph, pw = conv.padding
-        pads = [pw, pw, ph, ph]
+        return pads
+    ph, pw = conv.padding
+    return [pw, pw, ph, ph]
+
+
+def pad_input(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Apply a conv's padding explicitly (so every padding mode is handled alike)."""
+    pads = padding_amounts(conv)
     if not any(pads):
         return x
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
@@ -48,12 +55,31 @@ def unfold_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def coverage(conv: nn.Conv2d, padded_hw: tuple[int, int], device, dtype) -> torch.Tensor:
-    """How many (output location, kernel offset) pairs read each pixel of the padded input."""
-    ones = torch.ones(1, 1, *padded_hw, device=device, dtype=dtype)
-    cols = F.unfold(ones, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    return F.fold(cols, padded_hw, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)[
-        0, 0
-    ]
+    """How many (output location, kernel offset) pairs read each pixel of the padded input.
+
+    Separable: the count at ``(i, j)`` is the row count at ``i`` times the column count at
+    ``j``, each a 1-D histogram computed in Python (cached), so no kernel runs for it.
+    """
+    rows, cols = (
+        _coverage_1d(size, k, d, s)
+        for size, k, d, s in zip(
+            padded_hw, conv.kernel_size, conv.dilation, conv.stride, strict=True
+        )
+    )
+    return torch.outer(
+        torch.tensor(rows, dtype=dtype, device=device),
+        torch.tensor(cols, dtype=dtype, device=device),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _coverage_1d(size: int, k: int, dilation: int, stride: int) -> tuple[int, ...]:
+    counts = [0] * size
+    outputs = (size - dilation * (k - 1) - 1) // stride + 1
+    for offset in range(k):
+        for t in range(outputs):
+            counts[offset * dilation + t * stride] += 1
+    return tuple(counts)
 
 
 def conv_output_locations(conv: nn.Conv2d, padded_hw: tuple[int, int]) -> int:
@@ -64,20 +90,85 @@ def conv_output_locations(conv: nn.Conv2d, padded_hw: tuple[int, int]) -> int:
     return out[0] * out[1]
 
 
+def channel_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` as ``(N*H*W, C)`` rows: a view for channels_last, one copy otherwise."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def gram(rows: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``sum_r r r^T`` per group of columns: ``(M, groups*d)`` -> ``(groups, d, d)``."""
+    if groups == 1:
+        return (rows.T @ rows).unsqueeze(0)
+    per_group = rows.view(rows.shape[0], groups, -1).transpose(0, 1)  # (G, M, d), no copy
+    return per_group.transpose(1, 2) @ per_group
+
+
+def output_gram(grad_output: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``sum_{n,t} g_{n,t} g_{n,t}^T`` per group: the unnormalised ``S``, one GEMM."""
+    if grad_output.dim() == 4:
+        return gram(channel_rows(grad_output), groups)
+    return gram(grad_output.reshape(-1, grad_output.shape[-1]), groups)
+
+
 def channel_second_moment(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
     """Sum over examples, locations and offsets of ``x x^T`` per group, and the sample count.
 
-    Returns ``(M, count)`` with ``M`` of shape ``(groups, c/groups, c/groups)``.
+    Every pixel ``p`` enters ``coverage(p)`` times, so the sum is
+    ``sum_{n,p} (sqrt(c_p) x_{n,p}) (sqrt(c_p) x_{n,p})^T``: one weighted copy of ``x`` into
+    row layout and one GEMM.  Zero padding contributes nothing, so the input is padded only
+    for the other padding modes; pixels no kernel offset reads (e.g. 3 in 4 for a 1x1 conv
+    with stride 2) are sliced away before the copy.  Returns ``(M, count)`` with ``M`` of
+    shape ``(groups, c/groups, c/groups)``.
     """
-    xp = pad_input(x, conv)
-    n, c, h, w = xp.shape
-    cov = coverage(conv, (h, w), xp.device, xp.dtype).reshape(-1)
-    g = conv.groups
-    flat = xp.reshape(n, g, c // g, h * w).permute(1, 2, 0, 3).reshape(g, c // g, n * h * w)
-    weighted = flat * cov.repeat(n)
-    m = weighted @ flat.transpose(1, 2)
+    pads = padding_amounts(conv)
+    padded_hw = (x.shape[-2] + pads[2] + pads[3], x.shape[-1] + pads[0] + pads[1])
+    per_axis = [
+        _coverage_1d(size, k, d, s)
+        for size, k, d, s in zip(
+            padded_hw, conv.kernel_size, conv.dilation, conv.stride, strict=True
+        )
+    ]
+    if conv.padding_mode == "zeros":
+        per_axis = [
+            counts[start : start + size]
+            for counts, start, size in zip(per_axis, (pads[2], pads[0]), x.shape[-2:], strict=True)
+        ]
+    else:
+        x = pad_input(x, conv)
+    (sh, hc), (sw, wc) = (_support(counts) for counts in per_axis)
+    x = x[:, :, sh, sw]
+    n, c, h, w = x.shape
+    if all(v == 1 for v in hc + wc):
+        rows = channel_rows(x)
+    else:
+        weighted = x.new_empty(n, h, w, c)
+        root = _sqrt_coverage(hc, wc, x.dtype, x.device)
+        torch.mul(x.permute(0, 2, 3, 1), root, out=weighted)
+        rows = weighted.view(-1, c)
     k = conv.kernel_size[0] * conv.kernel_size[1]
-    return m, n * conv_output_locations(conv, (h, w)) * k
+    return gram(rows, conv.groups), n * conv_output_locations(conv, padded_hw) * k
+
+
+@functools.lru_cache(maxsize=256)
+def _sqrt_coverage(
+    hc: tuple[int, ...], wc: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``sqrt(coverage)`` as an ``(H, W, 1)`` tensor, built once per layer shape and device."""
+    rows, cols = (torch.tensor(v, dtype=dtype).sqrt() for v in (hc, wc))
+    return torch.outer(rows, cols).unsqueeze(-1).to(device)
+
+
+def _support(counts: tuple[int, ...]) -> tuple[slice, tuple[int, ...]]:
+    """The slice of an axis that holds all its read pixels -- strided when they are evenly
+    spaced -- and the counts along it."""
+    idx = [i for i, v in enumerate(counts) if v]
+    if not idx:
+        return slice(0, 0), ()
+    step = idx[1] - idx[0] if len(idx) > 1 else 1
+    if idx != list(range(idx[0], idx[-1] + 1, step)):
+        step = 1
+    sl = slice(idx[0], idx[-1] + 1, step)
+    return sl, counts[sl]
 
 
 def grad_rows(grad_output: torch.Tensor, groups: int = 1) -> torch.Tensor:

@@ -1,23 +1,28 @@
-"""Name -> model builder registry (timm-style), plus ``torchvision:``/``timm:`` sources.
+"""Name -> model builder registry (timm-style), plus ``torchvision:``/``timm:``/``hf:``/
+``hf-lm:`` sources (:mod:`.external`) and saved model directories.
 
 Every model made by :func:`create_model` carries ``model.eigendamage_spec`` = ``{"name",
 "kwargs", "input_size"}`` so that a checkpoint of a pruned model can be rebuilt from its
-registry name before the pruned shapes are applied (:func:`create_from_spec`).
+registry name before the pruned shapes are applied (:func:`create_from_spec`).  Token models
+(``hf:``) add ``"input_kind": "tokens"`` and ``"vocab_size"``; their ``input_size`` is
+``[sequence length]`` (see :func:`example_input`).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from ..errors import ModelError, unknown_name
 
 SPEC_ATTR = "eigendamage_spec"
-SOURCES = ("torchvision", "timm")
 _FIXED = ("num_classes", "in_channels")
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -70,34 +75,49 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _tag(model: nn.Module, name: str, kwargs: dict[str, Any], input_size: tuple[int, ...]) -> None:
+def _tag(
+    model: nn.Module,
+    name: str,
+    kwargs: dict[str, Any],
+    input_size: tuple[int, ...],
+    extra: dict[str, Any] | None = None,
+) -> None:
     spec = {"name": name, "kwargs": _jsonable(kwargs), "input_size": list(input_size)}
-    setattr(model, SPEC_ATTR, spec)
+    setattr(model, SPEC_ATTR, {**spec, **(extra or {})})
 
 
 def create_model(
     name: str, *, num_classes: int = 10, in_channels: int | None = None, **kwargs: Any
 ) -> nn.Module:
-    """Build a randomly initialised model by registry name or ``torchvision:``/``timm:`` name.
+    """Build a randomly initialised model by registry name, ``source:name`` or directory.
 
+    Sources: ``torchvision:``, ``timm:``, ``hf:`` (sequence classifier), ``hf-lm:`` (causal
+    LM); see :mod:`.external`.  A directory written by ``save_model`` loads that (pruned)
+    model, whose architecture fixes ``num_classes``/``in_channels``.
     ``in_channels=None`` means the model's own default (1 for digits nets, 3 otherwise).
     Pretrained weights are never downloaded. Raises :class:`ModelError` for unknown names
     or arguments, with the valid choices in the message.
     """
     if not isinstance(name, str) or not name:
         raise ModelError(f"model name must be a non-empty string, got {name!r}.")
+    if is_model_dir(name):
+        if kwargs:
+            raise ModelError(f"{name} is a saved model: it takes no extra arguments")
+        from ..io import load_model
+
+        return load_model(name)
     if ":" in name:
         from .external import create_external
 
-        model, input_size = create_external(name, num_classes, in_channels, kwargs)
-        kwargs = {"num_classes": num_classes, "in_channels": input_size[0], **kwargs}
-        _tag(model, name, kwargs, input_size)
-        return model
+        ext = create_external(name, num_classes, in_channels, kwargs)
+        _tag(ext.model, name, ext.spec_kwargs, ext.input_size, ext.spec_extra)
+        return ext.model
     entry = _REGISTRY.get(name)
     if entry is None:
         raise ModelError(
             unknown_name("model", name, list_models())
-            + " Other models: 'torchvision:<name>' or 'timm:<name>'."
+            + " Other models: 'torchvision:<name>', 'timm:<name>', 'hf:<name>', "
+            "'hf-lm:<name>' or a directory written by save_model."
         )
     if in_channels is None:
         in_channels = entry.input_size[0]
@@ -144,10 +164,42 @@ def default_input_shape(name_or_model: str | nn.Module, *, batch_size: int = 1) 
                 "shape is unknown; pass input_shape explicitly."
             )
         size = tuple(spec["input_size"])
-    elif ":" in name_or_model:
-        size = (3, 224, 224)
+    elif is_model_dir(name_or_model):
+        from ..io import ARCHITECTURE_FILE
+
+        doc = json.loads((Path(name_or_model) / ARCHITECTURE_FILE).read_text(encoding="utf-8"))
+        size = tuple(doc["base"]["input_size"])
+    elif ":" in name_or_model:  # the source decides (inception_v3: 299, timm configs, hf)
+        size = tuple(create_model(name_or_model).eigendamage_spec["input_size"])
     elif name_or_model in _REGISTRY:
         size = _REGISTRY[name_or_model].input_size
     else:
         raise ModelError(unknown_name("model", name_or_model, list_models()))
     return (batch_size, *size)
+
+
+def is_model_dir(name: str) -> bool:
+    """True for a directory written by ``save_model`` (it holds ``architecture.json``)."""
+    from ..io import ARCHITECTURE_FILE
+
+    path = Path(name)
+    return path.is_dir() and (path / ARCHITECTURE_FILE).is_file()
+
+
+def example_input(model: nn.Module, batch_size: int = 1, *, seed: int = 0) -> torch.Tensor:
+    """A random input the model accepts, from its spec: token ids for ``hf:`` models (a
+    float image tensor would fail in the embedding), images otherwise.  For export, latency
+    and FLOP counting of any model made by :func:`create_model`."""
+    spec = getattr(model, SPEC_ATTR, None)
+    if not isinstance(spec, dict) or "input_size" not in spec:
+        raise ModelError(
+            f"{type(model).__name__} was not made by create_model, so its input is unknown; "
+            "pass an input shape explicitly."
+        )
+    shape = (batch_size, *spec["input_size"])
+    gen = torch.Generator().manual_seed(seed)
+    if spec.get("input_kind") == "tokens":
+        return torch.randint(0, int(spec["vocab_size"]), shape, generator=gen)
+    ref = next(model.parameters(), None)
+    dtype = ref.dtype if ref is not None and ref.dtype.is_floating_point else torch.float32
+    return torch.randn(shape, generator=gen, dtype=dtype)

@@ -1,0 +1,209 @@
+"""Measured speed-up of a pruned model over its original, next to the FLOPs reduction.
+
+Why a separate comparison and not two :func:`~eigendamage.measure.measure_latency` calls:
+on a shared or throttling machine the speed drifts over seconds, and timing one model
+after the other turns drift into a fake speed-up.  Here the models take turns: ``rounds``
+alternating measurements of ``repeats`` runs each, and the median over rounds of each
+round's median is reported.  Denormal floats are flushed while timing
+(:func:`~eigendamage.surgery.fold.flush_denormals`): random-weight models otherwise spend
+most of their time in slow denormal arithmetic, differently for each model.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .measure import count, measure_latency
+from .models.registry import SPEC_ATTR, example_input
+from .surgery.fold import flush_denormals
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """One batch size: median latencies (ms) of each model and ratios to the baseline."""
+
+    batch_size: int
+    device: str
+    threads: int
+    ms: dict[str, float]
+    speedup: dict[str, float]
+    flops_reduction: dict[str, float]
+    params_reduction: dict[str, float]
+    forms: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _TokenIds(nn.Module):
+    """Feeds a token model from ``measure_latency``'s float probe input: ids ``|x| * V mod V``.
+
+    The conversion is the same cheap element-wise op for every model compared, so ratios
+    are unaffected; it exists because an embedding refuses float input.
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int):
+        super().__init__()
+        self.model, self.vocab_size = model, vocab_size
+
+    def forward(self, x: torch.Tensor) -> Any:
+        ids = (x.abs() * self.vocab_size).long() % self.vocab_size
+        return self.model(ids)
+
+
+def timeable(model: nn.Module) -> nn.Module:
+    """``model``, or an adapter that lets ``measure_latency`` drive a token model."""
+    spec = getattr(model, SPEC_ATTR, None) or {}
+    if spec.get("input_kind") == "tokens":
+        return _TokenIds(model, int(spec["vocab_size"]))
+    return model
+
+
+def _probe(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """A random input of ``shape``: token ids for token models, a float tensor otherwise."""
+    spec = getattr(model, SPEC_ATTR, None) or {}
+    gen = torch.Generator().manual_seed(0)
+    if spec.get("input_kind") == "tokens":
+        return torch.randint(0, int(spec["vocab_size"]), shape, generator=gen)
+    return torch.randn(shape, generator=gen)
+
+
+def input_shape_of(model: nn.Module) -> tuple[int, ...]:
+    """The per-example input shape (batch 1) recorded in the model's spec."""
+    return tuple(example_input(model, 1).shape)
+
+
+def compare_latency(
+    models: dict[str, nn.Module],
+    *,
+    baseline: str,
+    input_shape: Sequence[int] | None = None,
+    batch_sizes: Sequence[int] = (1, 8),
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 20,
+    rounds: int = 3,
+) -> list[LatencyComparison]:
+    """Time every model in ``models`` at each batch size, alternating between them.
+
+    ``baseline`` names the entry the speed-ups and reductions are relative to (speed-up =
+    baseline ms / model ms).  ``input_shape`` is one example's input with a leading batch
+    dimension of 1 (default: from the baseline's spec).  FLOPs are counted at batch 1 with
+    :func:`~eigendamage.measure.count` on a real example input (token ids for HF models).
+    """
+    if baseline not in models:
+        raise ConfigError(f"baseline {baseline!r} is not among the models {sorted(models)}")
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    shape = tuple(input_shape) if input_shape is not None else input_shape_of(models[baseline])
+    counts = {
+        name: count(model, example_inputs=_probe(model, shape)) for name, model in models.items()
+    }
+    base = counts[baseline]
+    timed = {name: timeable(model) for name, model in models.items()}
+    rows = []
+    for batch_size in batch_sizes:
+        medians: dict[str, list[float]] = {name: [] for name in models}
+        result = None
+        for _ in range(rounds):
+            for name, model in timed.items():
+                with flush_denormals():
+                    result = measure_latency(
+                        model,
+                        shape,
+                        batch_size=batch_size,
+                        device=device,
+                        threads=threads,
+                        warmup=warmup,
+                        repeats=repeats,
+                    )
+                medians[name].append(result.median_ms)
+        ms = {name: statistics.median(values) for name, values in medians.items()}
+        rows.append(
+            LatencyComparison(
+                batch_size=batch_size,
+                device=result.device,
+                threads=result.threads,
+                ms=ms,
+                speedup={name: ms[baseline] / ms[name] for name in models},
+                flops_reduction={n: 1 - c.flops / base.flops for n, c in counts.items()},
+                params_reduction={n: 1 - c.params / base.params for n, c in counts.items()},
+            )
+        )
+    return rows
+
+
+def run_latency_bench(
+    models: dict[str, nn.Module],
+    *,
+    baseline: str,
+    input_shape: Sequence[int] | None = None,
+    batch_sizes: Sequence[int] = (1, 8),
+    fold: bool = True,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    **timing: Any,
+) -> list[LatencyComparison]:
+    """:func:`compare_latency` per batch size, plus ``"<name> (folded)"`` entries: each model
+    with EigenDamage bottlenecks rebuilt in its fastest exact form for that batch size
+    (:func:`~eigendamage.surgery.fold.fold_for_speed`; ``fold=False`` skips them).
+    ``timing`` goes to :func:`compare_latency` (``warmup``, ``repeats``, ``rounds``)."""
+    from .surgery.eigenbasis import KFEBottleneck
+    from .surgery.fold import fold_for_speed
+
+    shape = tuple(input_shape) if input_shape is not None else input_shape_of(models[baseline])
+    rows = []
+    for batch_size in batch_sizes:
+        entries, forms = dict(models), {}
+        for name, model in models.items():
+            if fold and any(isinstance(m, KFEBottleneck) for m in model.modules()):
+                probe = _probe(model, (batch_size, *shape[1:])).to(device)
+                folded, chosen = fold_for_speed(
+                    copy.deepcopy(model).to(device), probe, threads=threads
+                )
+                entries[f"{name} (folded)"] = folded
+                tally: dict[str, int] = {}
+                for form in chosen.values():
+                    tally[form] = tally.get(form, 0) + 1
+                forms[f"{name} (folded)"] = tally
+        (row,) = compare_latency(
+            entries,
+            baseline=baseline,
+            input_shape=shape,
+            batch_sizes=[batch_size],
+            device=device,
+            threads=threads,
+            **timing,
+        )
+        rows.append(replace(row, forms=forms))
+    return rows
+
+
+def latency_table(rows: Sequence[LatencyComparison]) -> str:
+    """Markdown: one line per (batch size, model) with ms, speed-up and reductions."""
+    lines = [
+        "| batch | model | median ms | speed-up | FLOPs removed | params removed |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        for name, ms in row.ms.items():
+            note = ""
+            if name in row.forms:
+                note = (
+                    " [" + ", ".join(f"{k} {v}" for k, v in sorted(row.forms[name].items())) + "]"
+                )
+            lines.append(
+                f"| {row.batch_size} | {name}{note} | {ms:.2f} | {row.speedup[name]:.2f}x "
+                f"| {row.flops_reduction[name]:.1%} | {row.params_reduction[name]:.1%} |"
+            )
+    device = f"{rows[0].device}, {rows[0].threads} thread(s)" if rows else ""
+    return "\n".join([f"# latency on {device}", *lines])

@@ -4,7 +4,6 @@ the resolved config, the environment, the metrics and a pickle-free model."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,6 @@ RUN_FILES = ("config.json", "environment.json", "metrics.json", "model/architect
              "model/model.safetensors")  # fmt: skip
 PRUNE = ["--method", "eigendamage", "--ratio", "0.3", "--finetune-epochs", "0",
          "--fisher-batches", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny convolutions run fastest single-threaded (and do not fight other tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

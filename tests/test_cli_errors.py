@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,14 +34,6 @@ from eigendamage.models import create_model
 
 BUDGET = ["--method", "eigendamage", "--ratio", "0.3", "--finetune-epochs", "0", "--device", "cpu"]
 TRAIN = ["--model", "digits-vgg", "--epochs", "1", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import eigendamage.compare as compare
@@ -31,15 +30,6 @@ TINY = dict(
     finetune=FineTuneConfig(epochs=0, bn_recalibration_batches=2),
 )
 TRAIN = TrainConfig(model="digits-vgg", epochs=1, batch_size=64, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on 2 shared cores run far faster single-threaded (no OpenMP contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

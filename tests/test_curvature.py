@@ -360,7 +360,8 @@ def test_eigendecomposition_of_a_diagonal_factor_is_exact():
 
 def test_float32_policy_and_parallel_workers_match_the_float64_loop():
     """fp32 for big float32 factors stays within float32 accuracy; float64 input is untouched;
-    worker threads give bit-identical results to the sequential loop."""
+    worker threads give the sequential loop's results (to float64 round-off; eigenvectors up
+    to sign, and LAPACK's rounding depends on the thread count)."""
     torch.manual_seed(0)
     mats = []
     for d in (40, 40, 70, 9):
@@ -377,7 +378,8 @@ def test_float32_policy_and_parallel_workers_match_the_float64_loop():
     for (lam, q), (lam_ref, q_ref) in zip(
         batched_eigh(mats, fp32_above=30, workers=2), ref, strict=True
     ):
-        assert torch.equal(lam, lam_ref) and torch.equal(q, q_ref)
+        torch.testing.assert_close(lam, lam_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(q.abs(), q_ref.abs(), rtol=0, atol=1e-8)
 
 
 @pytest.mark.parametrize(

@@ -21,15 +21,6 @@ from eigendamage.pruner import available_methods, prune, run_pruning
 from eigendamage.surgery.eigenbasis import Factored, build
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on 2 shared cores run far faster single-threaded (no OpenMP contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cp_tensor(d_out: int, d_in: int, k: int, rank: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     a, b, c = (torch.randn(n, rank, generator=g, dtype=torch.float64) for n in (d_out, d_in, k))

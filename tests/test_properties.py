@@ -10,10 +10,8 @@ Models are float64, so "the same" is checked to 1e-9, far below any real differe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -138,14 +136,6 @@ def _inputs(arch: Arch, n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     shape = (n, arch.in_channels, arch.size, arch.size)
     return torch.randn(shape, generator=gen, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @PROPERTY

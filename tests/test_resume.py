@@ -45,14 +45,6 @@ TRAIN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(zygote: Zygote, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small digits-vgg trained for a few epochs (registry kwargs survive save/load)."""

@@ -18,9 +18,19 @@ from .cli import app, friendly_errors  # noqa: E402
 app.add_typer(bench_app, name="bench")
 
 
-def _header(device: str, settings: str) -> None:
+THREADS_HELP = (
+    "torch intra-op threads (0: torch's default); 1 is far steadier on a shared machine, "
+    "where a multi-threaded kernel waits for its slowest, descheduled thread"
+)
+
+
+def _header(device: str, settings: str, threads: int) -> None:
+    import torch
+
     from .curvature.bench import machine
 
+    if threads:
+        torch.set_num_threads(threads)
     typer.echo(f"# {machine(device)}")
     typer.echo(f"# settings: {settings}")
 
@@ -39,6 +49,7 @@ def kfac_cmd(
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
     memory: bool = typer.Option(False, help="also peak memory (fresh process per pass)"),
     channels_last: bool = typer.Option(False, help="model and inputs in channels_last"),
+    threads: int = typer.Option(0, help=THREADS_HELP),
 ) -> None:
     """K-FAC collection (channel and patch mode) vs a plain forward+backward."""
     from .curvature.bench import bench_kfac, bench_memory, markdown
@@ -47,6 +58,7 @@ def kfac_cmd(
         device,
         f"true Fisher, 1 draw, fp32; {batches} batches, min of {repeats} interleaved rounds"
         + (", channels_last" if channels_last else ""),
+        threads,
     )
     typer.echo(
         markdown(
@@ -73,11 +85,12 @@ def eigh_cmd(
     repeats: int = typer.Option(2),
     device: str = typer.Option("cpu"),
     calibrate: bool = typer.Option(False, help="also the fp32 factors' own error vs fp64 sums"),
+    threads: int = typer.Option(0, help=THREADS_HELP),
 ) -> None:
     """Eigendecomposition of all factors: sequential fp64 loop vs stacked/threaded, fp32."""
     from .curvature.bench import bench_eigh, markdown
 
-    _header(device, f"{conv_mode}-mode factors of {workload} from {batches} batch(es)")
+    _header(device, f"{conv_mode}-mode factors of {workload} from {batches} batch(es)", threads)
     rows, info = bench_eigh(
         workload,
         conv_mode=conv_mode,
@@ -98,11 +111,12 @@ def prune_step_cmd(
     batch_size: list[int] = typer.Option([128], "--batch-size", help="repeatable"),
     ratio: float = typer.Option(0.5, help="fraction of eigen-directions removed"),
     device: str = typer.Option("cpu"),
+    threads: int = typer.Option(0, help=THREADS_HELP),
 ) -> None:
     """One whole EigenDamage round (factors + eigh + scoring + surgery), per stage."""
     from .curvature.bench import bench_prune_step, markdown
 
-    _header(device, f"eigendamage, ratio {ratio}, {batches} batches, true Fisher 1 draw")
+    _header(device, f"eigendamage, ratio {ratio}, {batches} batches, true Fisher 1 draw", threads)
     typer.echo(
         markdown(
             bench_prune_step(

@@ -171,9 +171,7 @@ def run_pruning(
         if method == "eigendamage-dw":
             from .criteria.eigendamage_dw import eigendamage_dw_round
 
-            current, info = eigendamage_dw_round(
-                current, loader, eigenvalues=eigenvalues, **common
-            )
+            current, info = eigendamage_dw_round(current, loader, eigenvalues=eigenvalues, **common)
         elif method in EIGEN_METHODS:
             current, info = eigendamage_round(current, loader, eigenvalues=eigenvalues, **common)
         else:

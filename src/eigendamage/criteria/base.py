@@ -10,6 +10,7 @@ surviving weights of a layer whose output rows are removed.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -39,15 +40,15 @@ class ScoreContext:
     seed: int = 0
 
 
-class ChannelCriterion:
+class ChannelCriterion(ABC):
     """Base class: ``name``, ``needs`` (subset of {"kfac", "diag", "bn"}), ``score``, ``update``."""
 
     name: str = ""
     needs: frozenset[str] = frozenset()
 
+    @abstractmethod
     def score(self, model: nn.Module, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         """``{layer name: per-output-channel score}``; lower = removed first."""
-        raise NotImplementedError
 
     def update(
         self, model: nn.Module, ctx: ScoreContext, pruned: Mapping[str, torch.Tensor]

@@ -28,6 +28,8 @@ Grouped (depthwise) layers are handled block by block: ``W`` is viewed as
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import nn
 
@@ -116,8 +118,9 @@ class _KFACCriterion(ChannelCriterion):
             out[name] = self._score(w, f, ctx.damping, name).reshape(-1)
         return out
 
+    @abstractmethod
     def _score(self, w: torch.Tensor, f: KFactors, damping: float, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-output-row ``Delta L`` of one layer's weight matrix ``w``."""
 
 
 class COBD(_KFACCriterion):

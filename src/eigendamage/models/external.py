@@ -184,10 +184,11 @@ def _timm(name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any])
 
 @functools.cache
 def _register_timm_modules() -> None:
-    """Teach ``save_model``/``load_model`` timm's channel-carrying norm layers, which channel
-    pruning resizes (``BatchNormAct2d`` holds its activation and dropout as children).  The
-    ``timm.`` prefix keeps torch's own ``LayerNorm`` entry intact."""
-    from timm.layers import BatchNormAct2d, LayerNorm, LayerNorm2d
+    """Teach ``save_model``/``load_model`` the timm layers that channel pruning resizes:
+    norms (``BatchNormAct2d`` holds its activation and dropout as children), timm's
+    ``Linear`` and ``Conv2dSame``.  The ``timm.`` prefix keeps torch's own entries intact."""
+    from timm.layers import BatchNormAct2d, Conv2dSame, LayerNorm, LayerNorm2d
+    from timm.layers import Linear as TimmLinear
 
     from ..io import register_module_type
 
@@ -209,8 +210,25 @@ def _register_timm_modules() -> None:
         shape, affine = m.normalized_shape[0], m.elementwise_affine
         return {"num_channels": shape, "eps": m.eps, "affine": affine}
 
-    for cls in (LayerNorm, LayerNorm2d):
-        register_module_type(f"timm.{cls.__name__}", ln_args, lambda a, ch, c=cls: c(**a), cls=cls)
+    def linear_args(m: nn.Module) -> dict[str, Any]:
+        return {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+        }
+
+    def conv_args(m: nn.Module) -> dict[str, Any]:
+        names = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups")
+        return {**{k: getattr(m, k) for k in names}, "bias": m.bias is not None}
+
+    describe = {
+        LayerNorm: ln_args,
+        LayerNorm2d: ln_args,
+        TimmLinear: linear_args,
+        Conv2dSame: conv_args,
+    }
+    for cls, args in describe.items():
+        register_module_type(f"timm.{cls.__name__}", args, lambda a, ch, c=cls: c(**a), cls=cls)
 
 
 # --------------------------------------------------------------------------- transformers

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .criteria.eigendamage import (
+    LayerScores,
     apply_plan,
     classifier_name,
     direction_scores,
@@ -30,6 +31,7 @@ from .curvature.ekfac import kfe_diagonal
 from .curvature.stability import stable_eigendecompose, with_damping_escalation
 from .errors import ConfigError, ModelError, unknown_name
 from .measure import Counts, count
+from .surgery.eigenbasis import Factored
 
 FineTune = Callable[[nn.Module, int], None]
 EIGEN_METHODS = ("eigendamage", "eigendamage-dw")
@@ -214,6 +216,51 @@ def frozen_zeros(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> Ite
             h.remove()
 
 
+def score_eigendirections(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    fisher: str,
+    fisher_batches: int | None,
+    fisher_samples: int,
+    damping: float,
+    exclude: set[str],
+    seed: int,
+    device: torch.device | str | None,
+    eigenvalues: str = "kfac",
+) -> tuple[dict[str, Factored], dict[str, LayerScores], dict[str, float]]:
+    """K-FAC (channel mode) on the EigenDamage targets, their KFE (optionally with the EKFAC
+    diagonal), every target expressed in it, and ``Delta L`` of every eigen-direction.
+
+    Returns ``(rotated layers, scores, seconds per stage)``; shared by every KFE method."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    targets = eigendamage_targets(model, exclude)
+    if not targets:
+        raise ModelError(
+            "no prunable layer: EigenDamage needs nn.Linear or nn.Conv2d (groups=1) layers "
+            "outside the excluded ones"
+        )
+    curvature = dict(
+        fisher=fisher, batches=fisher_batches, samples=fisher_samples, seed=seed, device=device
+    )
+    factors = collect_kfac(model, loader, conv_mode="channel", modules=targets, **curvature)
+    timings["curvature"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kfe = stable_eigendecompose(factors, damping=damping, drop_bias=True)
+    timings["eigendecomposition"] = time.perf_counter() - t0
+    if eigenvalues == "ekfac":
+        t0 = time.perf_counter()
+        for name, diag in kfe_diagonal(model, loader, kfe, **curvature).items():
+            kfe[name].diag = diag
+        timings["ekfac"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rotated = rotated_layers(model, kfe)
+    scores = {n: direction_scores(rotated[n], kfe[n]) for n in kfe}
+    timings["scoring"] = time.perf_counter() - t0
+    return rotated, scores, timings
+
+
 def eigendamage_round(
     model: nn.Module,
     loader: Iterable,
@@ -235,47 +282,19 @@ def eigendamage_round(
 
     ``eigenvalues="ekfac"`` re-estimates the Fisher diagonal in the KFE from per-example
     gradients (a second pass over the data) instead of ``lam_S * lam_A``."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    targets = eigendamage_targets(model, exclude)
-    if not targets:
-        raise ModelError(
-            "no prunable layer: EigenDamage needs nn.Linear or nn.Conv2d (groups=1) layers "
-            "outside the excluded ones"
-        )
-    factors = collect_kfac(
+    rotated, scores, timings = score_eigendirections(
         model,
         loader,
         fisher=fisher,
-        batches=fisher_batches,
-        samples=fisher_samples,
-        conv_mode="channel",
-        modules=targets,
+        fisher_batches=fisher_batches,
+        fisher_samples=fisher_samples,
+        damping=damping,
+        exclude=exclude,
         seed=seed,
         device=device,
+        eigenvalues=eigenvalues,
     )
-    timings["curvature"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kfe = stable_eigendecompose(factors, damping=damping, drop_bias=True)
-    timings["eigendecomposition"] = time.perf_counter() - t0
-    if eigenvalues == "ekfac":
-        t0 = time.perf_counter()
-        diagonals = kfe_diagonal(
-            model,
-            loader,
-            kfe,
-            fisher=fisher,
-            batches=fisher_batches,
-            samples=fisher_samples,
-            seed=seed,
-            device=device,
-        )
-        for name, diag in diagonals.items():
-            kfe[name].diag = diag
-        timings["ekfac"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rotated = rotated_layers(model, kfe)
-    scores = {n: direction_scores(rotated[n], kfe[n]) for n in kfe}
 
     def build_with(r: float) -> tuple[nn.Module, object]:
         plan = plan_pruning(rotated, scores, ratio=r, per_layer_cap=per_layer_cap)
@@ -284,7 +303,7 @@ def eigendamage_round(
     if target is not None:
         ratio = solve_ratio(lambda r: build_with(r)[0], target, input_shape)
     pruned, plan = build_with(ratio)
-    timings["scoring_and_surgery"] = time.perf_counter() - t0
+    timings["surgery"] = time.perf_counter() - t0
     counts = count(pruned, input_shape)
     detail = {
         "threshold": plan.threshold,

@@ -25,9 +25,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..curvature import collect_kfac
-from ..curvature.ekfac import kfe_diagonal
-from ..curvature.stability import stable_eigendecompose
 from ..errors import ConfigError, ModelError
 from ..measure import count
 from ..pruner import RoundInfo, solve_ratio
@@ -46,10 +43,7 @@ from .eigendamage import (
     LayerPlan,
     LayerScores,
     _keep_indices,
-    direction_scores,
-    eigendamage_targets,
     plan_pruning,
-    rotated_layers,
 )
 
 CP_ITERATIONS = 50  # on trained digits-vgg cores, 100 sweeps lower the error by < 0.006
@@ -284,48 +278,22 @@ def eigendamage_dw_round(
     """One round: K-FAC on the (densified) model, KFE ranking as in EigenDamage (``eigenvalues``
     as there), then the pruned k x k cores as depthwise-separable stacks.  Budgets are met on
     the final, depthwise form."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    from ..pruner import score_eigendirections
+
     dense = densify(model)
-    targets = eigendamage_targets(dense, exclude)
-    if not targets:
-        raise ModelError(
-            "no prunable layer: eigendamage-dw needs nn.Linear or nn.Conv2d layers outside "
-            "the excluded ones"
-        )
-    factors = collect_kfac(
+    rotated, scores, timings = score_eigendirections(
         dense,
         loader,
         fisher=fisher,
-        batches=fisher_batches,
-        samples=fisher_samples,
-        conv_mode="channel",
-        modules=targets,
+        fisher_batches=fisher_batches,
+        fisher_samples=fisher_samples,
+        damping=damping,
+        exclude=exclude,
         seed=seed,
         device=device,
+        eigenvalues=eigenvalues,
     )
-    timings["curvature"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kfe = stable_eigendecompose(factors, damping=damping, drop_bias=True)
-    timings["eigendecomposition"] = time.perf_counter() - t0
-    if eigenvalues == "ekfac":
-        t0 = time.perf_counter()
-        diagonals = kfe_diagonal(
-            dense,
-            loader,
-            kfe,
-            fisher=fisher,
-            batches=fisher_batches,
-            samples=fisher_samples,
-            seed=seed,
-            device=device,
-        )
-        for name, diag in diagonals.items():
-            kfe[name].diag = diag
-        timings["ekfac"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rotated = rotated_layers(dense, kfe)
-    scores = {n: direction_scores(rotated[n], kfe[n]) for n in kfe}
 
     def plan_at(r: float) -> EigenDamagePlan:
         return plan_pruning(rotated, scores, ratio=r, per_layer_cap=per_layer_cap)
@@ -357,7 +325,7 @@ def eigendamage_dw_round(
         iterations=cp_iterations,
         seed=seed,
     )
-    timings["scoring_and_surgery"] = time.perf_counter() - t0
+    timings["surgery"] = time.perf_counter() - t0
     counts = count(pruned, input_shape)
     detail = {
         "threshold": plan.threshold,

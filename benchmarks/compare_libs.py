@@ -193,7 +193,7 @@ def agreement() -> list[dict]:
         torch.set_default_dtype(torch.float32)
 
 
-def speed(batches: int, repeats: int) -> list[dict]:
+def speed(batches: int, repeats: int, device: str = "cpu") -> list[dict]:
     rows = []
     specs = {
         "mlp (digits 8x8)": (mlp, Workload("mlp", (1, 8, 8), 128, 10), True),
@@ -204,10 +204,10 @@ def speed(batches: int, repeats: int) -> list[dict]:
     for label, (make, w, bp_ok) in specs.items():
         torch.manual_seed(0)
         if make is None:
-            model, _ = build(label, "cpu")
+            model, _ = build(label, device)
         else:
-            model = make().eval()
-        data = synthetic_batches(w, batches, "cpu")
+            model = make().to(device).eval()
+        data = synthetic_batches(w, batches, device)
         plain_step(model, data[:1])
         variants = {
             "plain": lambda model=model, data=data: plain_step(model, data),
@@ -222,10 +222,10 @@ def speed(batches: int, repeats: int) -> list[dict]:
             variants["BackPACK"] = lambda m=bp_model, data=data: backpack_factors(
                 m, data, KFAC(mc_samples=1)
             )
-        t = best_of(variants, repeats, "cpu")
-        row = {"workload": label, "batch": w.batch_size, "plain s": f"{t['plain']:.2f}"}
+        t = best_of(variants, repeats, device)
+        row = {"workload": label, "batch": w.batch_size, "plain s": f"{t['plain']:.3g}"}
         for k in ("ours patch", "ours channel", "curvlinops", "BackPACK"):
-            row[k] = f"{t[k]:.2f} s ({t[k] / t['plain']:.2f}x)" if k in t else "n/a"
+            row[k] = f"{t[k]:.3g} s ({t[k] / t['plain']:.2f}x)" if k in t else "n/a"
         rows.append(row)
     return rows
 
@@ -235,10 +235,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu", help="device of the speed runs")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from importlib.metadata import version
 
-    print(f"# {machine('cpu')}")
+    print(f"# {machine(args.device)}")
     print(
         f"# curvlinops-for-pytorch {version('curvlinops-for-pytorch')}, "
         f"backpack-for-pytorch {version('backpack-for-pytorch')}"
@@ -250,7 +254,7 @@ def main() -> None:
             f"\n# speed: float32, MC Fisher 1 draw, {args.batches} batches, "
             f"min of {args.repeats} interleaved rounds; (x) = / plain fwd+bwd"
         )
-        print(markdown(speed(args.batches, args.repeats)))
+        print(markdown(speed(args.batches, args.repeats, args.device)))
 
 
 if __name__ == "__main__":

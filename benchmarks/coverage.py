@@ -17,7 +17,7 @@ Results go to ``docs/coverage.json`` (one entry per model, reused by later runs 
 ``--rerun``) and the table to ``docs/coverage.md``.  Each model has a wall-clock limit
 (``--timeout``); stages finished before it are kept.  Run::
 
-    python benchmarks/coverage.py                      # everything (hours on 2 CPU cores)
+    python benchmarks/coverage.py --jobs 2 --threads 1 # everything (hours on 2 CPU cores)
     python benchmarks/coverage.py --only torchvision:resnet18 timm:resnet18 --rerun
     python benchmarks/coverage.py --render             # table from the JSON only
 """
@@ -34,9 +34,12 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,33 @@ def _calibrate_batchnorm(model: Any, x: Any) -> None:
         m.momentum = momentum
 
 
+def _float64_equivalence(model: Any, kfe: dict[str, Any], x: Any) -> float:
+    """Relative max difference of ``to_eigenbasis`` in float64, with the eigenvectors
+    re-orthonormalised (QR) in float64.
+
+    Why: the float32 check mixes two round-offs that say nothing about the surgery -- the
+    eigenvectors of a float32 ``eigh`` are orthogonal only to ~1e-7, and float32 weights
+    carry ~1e-7 rounding -- which deep random networks amplify (EfficientNet: ~1e-3 of the
+    output).  In float64 with orthonormal bases an exact rewrite must agree to ~1e-12.
+    """
+    import torch
+
+    from eigendamage.curvature.factors import KFE, Eigen
+    from eigendamage.curvature.hooks import logits_of
+    from eigendamage.surgery.eigenbasis import to_eigenbasis
+
+    def orthonormal(e: Any) -> Any:
+        return Eigen(torch.linalg.qr(e.Q.double())[0], e.lam.double())
+
+    bases = {n: KFE(orthonormal(b.A), orthonormal(b.S), b.diag) for n, b in kfe.items()}
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        reference = logits_of(model64(x.double()) if x.is_floating_point() else model64(x))
+        rotated = to_eigenbasis(model64, bases).eval()
+        out = logits_of(rotated(x.double()) if x.is_floating_point() else rotated(x))
+    return float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
 def _kept(before: Any, after: Any) -> dict[str, float]:
     return {"params_kept": after.params / before.params, "flops_kept": after.flops / before.flops}
 
@@ -236,10 +266,7 @@ def run_one(name: str, emit: Any) -> None:
     cls = classifier_name(model)
     targets, skipped = target_policy(model, {cls}, example_inputs=x[:1])
     row.update(layers=len(layers), targets=len(targets), classifier=cls)
-    row["skipped"] = {}
-    for reason in skipped.values():
-        key = re.split(r" \(|:|,", reason)[0]
-        row["skipped"][key] = row["skipped"].get(key, 0) + 1
+    row["skipped"] = dict(Counter(re.split(r" \(|:|,", r)[0] for r in skipped.values()))
     lap("build")
 
     kfe = None
@@ -257,10 +284,7 @@ def run_one(name: str, emit: Any) -> None:
             kfe = seen.get("kfe")
             pruned = result.model
             row["eigendamage"] = _kept(result.before, result.after)
-            forms: dict[str, int] = {}
-            for form in result.rounds[0].detail["forms"].values():
-                forms[form] = forms.get(form, 0) + 1
-            row["eigendamage"]["forms"] = forms
+            row["eigendamage"]["forms"] = dict(Counter(result.rounds[0].detail["forms"].values()))
     except Exception as exc:
         row["eigendamage"] = _error(exc)
         pruned = None
@@ -288,6 +312,7 @@ def run_one(name: str, emit: Any) -> None:
             row["reparam"] = {
                 "max_abs_diff": _max_diff(rotated(x), reference),
                 "output_scale": float(logits_of(reference).abs().max()),
+                "float64_rel_diff": _float64_equivalence(model, kfe, x),
             }
     except Exception as exc:
         row["reparam"] = _error(exc)
@@ -329,12 +354,15 @@ def worker(name: str) -> None:
     run_one(name, lambda row: print("ROW " + json.dumps(row), flush=True))
 
 
-def measure(name: str, timeout: float) -> dict[str, Any]:
+def measure(name: str, timeout: float, threads: int) -> dict[str, Any]:
     """Run one model in a subprocess; the last row it printed, plus the timeout if hit."""
     cmd = [sys.executable, __file__, "--worker", name]
+    env = {**os.environ, "COVERAGE_THREADS": str(threads)}
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+        )
         out, err, timed_out = proc.stdout, proc.stderr, False
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
@@ -361,6 +389,8 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="ignore cached results")
     parser.add_argument("--render", action="store_true", help="only write the markdown table")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
+    parser.add_argument("--jobs", type=int, default=1, help="model processes at once")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "coverage.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "coverage.md")
     args = parser.parse_args()
@@ -369,26 +399,31 @@ def main() -> None:
         return
     results = load_results(args.json)
     if not args.render:
-        for name in args.only or all_models():
-            if name in results and not args.rerun:
-                continue
-            results[name] = measure(name, args.timeout)
-            print(summary_line(results[name]), flush=True)
-            args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        todo = [n for n in args.only or all_models() if args.rerun or n not in results]
+        lock = threading.Lock()
+
+        def one(name: str) -> None:
+            row = measure(name, args.timeout, args.threads)
+            with lock:
+                results[name] = row
+                print(summary_line(row), flush=True)
+                args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(one, todo))
     args.out.write_text(render(results))
 
 
 # --------------------------------------------------------------------------- report
 
-REPARAM_TOLERANCE = 1e-4  # relative to the output's max magnitude (at least 0.01)
+REPARAM_TOLERANCE = 1e-9  # float64 check, relative to the output's max magnitude
 
 
 def eigendamage_ok(row: dict[str, Any]) -> bool:
     ed, sl, rp = row.get("eigendamage", {}), row.get("save_load", {}), row.get("reparam", {})
-    if "params_kept" not in ed or "max_abs_diff" not in sl or "max_abs_diff" not in rp:
+    if "params_kept" not in ed or "max_abs_diff" not in sl or "float64_rel_diff" not in rp:
         return False
-    bound = REPARAM_TOLERANCE * max(rp.get("output_scale", 1.0), 1e-2)
-    return sl["max_abs_diff"] == 0.0 and rp["max_abs_diff"] <= bound
+    return sl["max_abs_diff"] == 0.0 and rp["float64_rel_diff"] <= REPARAM_TOLERANCE
 
 
 def failure(row: dict[str, Any]) -> str:
@@ -403,7 +438,8 @@ def failure(row: dict[str, Any]) -> str:
     sl = row.get("save_load", {})
     if sl.get("max_abs_diff", 0) != 0:
         return f"save/load changed outputs by {sl['max_abs_diff']:.2e}"
-    return f"reparameterisation differs by {row.get('reparam', {}).get('max_abs_diff')}"
+    rel = row.get("reparam", {}).get("float64_rel_diff")
+    return f"float64 reparameterisation differs by {rel} (relative)"
 
 
 def _cell(result: dict[str, Any] | None) -> str:
@@ -414,6 +450,15 @@ def _cell(result: dict[str, Any] | None) -> str:
     text = f"{1 - result['params_kept']:.0%} / {1 - result['flops_kept']:.0%}"
     if result.get("save_load_diff", 0) != 0 or "error" in result:
         text += " ²"
+    return text
+
+
+def _reparam_cell(rp: dict[str, Any]) -> str:
+    if "max_abs_diff" not in rp:
+        return "–"
+    text = f"{rp['max_abs_diff']:.1e} ({rp['output_scale']:.2g})"
+    if "float64_rel_diff" in rp:
+        text += f"; {rp['float64_rel_diff']:.0e}"
     return text
 
 
@@ -442,9 +487,12 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "model runs in its own process under a wall-clock limit.",
         "",
         "* **EigenDamage ok** = `run_pruning(method='eigendamage')` succeeded, `to_eigenbasis` "
-        f"reproduces the outputs (max abs diff ≤ {REPARAM_TOLERANCE:g} × max(0.01, max "
-        "|output|)), "
-        "and `save_model` → `load_model` of the pruned model gives *identical* outputs.",
+        "is exact -- in float64, with the eigenvectors re-orthonormalised, outputs agree to "
+        f"≤ {REPARAM_TOLERANCE:g} relative -- and `save_model` → `load_model` of the pruned "
+        "model gives *identical* outputs. The reparam column shows the float32 difference "
+        "(and the output's max): float32 eigenvectors are orthogonal only to ~1e-7 and deep "
+        "random networks amplify such round-off (EfficientNet-B1: ~1e-3 of its output), "
+        "then the float64 relative difference.",
         "* **targets** = layers EigenDamage reparameterises / all `nn.Linear`+`nn.Conv2d` "
         "(the classifier is excluded by default; the others left dense are listed with their "
         "reason under the table, policy in `criteria/eigendamage.py`).",
@@ -464,8 +512,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         ok = sum(eigendamage_ok(r) for r in rows)
         lines += [f"## {family}: EigenDamage ok on {ok} / {len(rows)}", ""]
         lines += [
-            "| model | params | input | targets | EigenDamage removed | reparam max abs diff "
-            "(output max) "
+            "| model | params | input | targets | EigenDamage removed | reparam: float32 max abs "
+            "diff (output max); float64 relative "
             "| save/load | " + " | ".join(f"{m} removed" for m in CHANNEL_METHODS) + " | s |",
             "|---|---:|---|---:|---:|---:|---|" + "---:|" * len(CHANNEL_METHODS) + "---:|",
         ]
@@ -493,9 +541,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 "×".join(str(s) for s in row.get("input", [])[1:]),
                 f"{row.get('targets', '?')}/{row.get('layers', '?')}",
                 _cell(row.get("eigendamage")),
-                f"{rp['max_abs_diff']:.1e} ({rp['output_scale']:.2g})"
-                if "max_abs_diff" in rp
-                else "–",
+                _reparam_cell(rp),
                 save,
                 *(_cell(row.get(m)) for m in CHANNEL_METHODS),
                 f"{row.get('wall_seconds', 0):.0f}",

@@ -4,6 +4,8 @@ the resolved config, the environment, the metrics and a pickle-free model."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +156,14 @@ def test_demo_writes_train_and_prune_runs(tmp_path: Path, monkeypatch: pytest.Mo
     metrics = _assert_run_dir(tmp_path / "demo" / "prune", PruneConfig)
     assert metrics["after"]["params"] == pytest.approx(0.5 * metrics["before"]["params"], rel=0.02)
     assert _read(tmp_path / "demo" / "prune" / "config.json")["seed"] == 2
+
+
+@pytest.mark.parametrize("module", ["eigendamage", "eigendamage.cli"])
+def test_every_command_is_reachable_through_python_dash_m(module):
+    # torchrun launches modules: `-m eigendamage.cli` must see the commands that other
+    # modules register (bench, compare, export), not only those defined in cli.py.
+    out = subprocess.run(
+        [sys.executable, "-m", module, "bench", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "prune-step" in out.stdout and "latency" in out.stdout

@@ -412,3 +412,22 @@ def test_channel_a_is_the_offset_average_of_the_patch_a(conv, channels_last):
     blocks = patch.A.view(4, k, 4, k).diagonal(dim1=1, dim2=3)  # (c, c', offset)
     torch.testing.assert_close(chan.A, blocks.mean(-1))
     torch.testing.assert_close(chan.S, patch.S)
+
+
+def test_float32_eigh_that_fails_is_redone_in_float64(monkeypatch):
+    torch.manual_seed(0)
+    z = torch.randn(40, 80)
+    mats = [(z @ z.T / 80).float()]
+    real_eigh = torch.linalg.eigh
+
+    def fp32_fails(m):
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real_eigh(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fp32_fails)
+    ((lam, q),) = batched_eigh(mats, fp32_above=10, workers=1)
+    ((lam_ref, q_ref),) = batched_eigh(mats, workers=1)
+    assert torch.equal(lam, lam_ref) and torch.equal(q, q_ref)
+    with pytest.raises(CurvatureError, match="raise the damping"):
+        batched_eigh(mats, dtype=torch.float32, workers=1)

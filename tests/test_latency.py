@@ -54,6 +54,7 @@ def test_every_fold_choice_is_the_same_function(pair, winner, monkeypatch):
     assert set(forms.values()) <= possible and winner in forms.values()
     with torch.no_grad():
         torch.testing.assert_close(folded(x), pruned(x), atol=1e-5, rtol=1e-4)
+    assert not any(p.is_inference() for p in folded.parameters())  # still trainable
     assert any(isinstance(m, KFEBottleneck) for m in pruned.modules())  # input untouched
 
 

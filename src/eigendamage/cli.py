@@ -293,7 +293,10 @@ def prune_cmd(
     metrics = run_prune(
         cfg, out_dir, force=force, resume=resuming, log=_log, progress=not no_progress
     )
-    print_table(summary_rows(metrics), title=f"{cfg.method}: {out_dir}")
+    from .distributed import is_main
+
+    if is_main():  # under torchrun every rank returns the same metrics: print them once
+        print_table(summary_rows(metrics), title=f"{cfg.method}: {out_dir}")
 
 
 @app.command("demo")
@@ -332,5 +335,9 @@ def methods_cmd() -> None:
 # Commands defined in their own modules register themselves on `app` when imported.
 from . import cli_bench, cli_compare, cli_export, cli_latency  # noqa: E402, F401
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover - ``python -m eigendamage.cli``
+    # Run the package's copy of this module: the command modules above registered their
+    # commands on *its* ``app``, not on this ``__main__`` copy's.
+    from eigendamage.cli import main as package_main
+
+    sys.exit(package_main())

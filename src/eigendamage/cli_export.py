@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -37,7 +38,8 @@ def export_cmd(
         from .surgery.fold import fold_for_speed
 
         net, forms = fold_for_speed(net, example)
-        _log(f"folded {len(forms)} bottleneck(s): " + _tally(forms.values()))
+        tally = ", ".join(f"{k} {v}" for k, v in sorted(Counter(forms.values()).items()))
+        _log(f"folded {len(forms)} bottleneck(s): {tally or 'none'}")
     export_model(net, out, example, fmt=fmt, opset=opset)
     _log(f"wrote {out} ({fmt})")
     if check:
@@ -45,10 +47,3 @@ def export_cmd(
         _log(f"max abs difference to PyTorch: {diff:.3g}")
         if not diff <= tolerance:
             raise ModelError(f"{out}: outputs differ from PyTorch by {diff:.3g} > {tolerance:g}")
-
-
-def _tally(values: object) -> str:
-    counts: dict[str, int] = {}
-    for value in values:  # type: ignore[attr-defined]
-        counts[value] = counts.get(value, 0) + 1
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"

@@ -79,6 +79,7 @@ def _export(
         wrapped,
         (example,),
         dynamo=True,
+        verbose=False,  # no progress lines on stdout
         input_names=["input"],
         output_names=["logits"],
         dynamic_shapes=dynamic,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -76,6 +77,11 @@ def _probe(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=gen)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def input_shape_of(model: nn.Module) -> tuple[int, ...]:
     """The per-example input shape (batch 1) recorded in the model's spec."""
     return tuple(example_input(model, 1).shape)
@@ -106,7 +112,8 @@ def compare_latency(
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     shape = tuple(input_shape) if input_shape is not None else input_shape_of(models[baseline])
     counts = {
-        name: count(model, example_inputs=_probe(model, shape)) for name, model in models.items()
+        name: count(model, example_inputs=_probe(model, shape).to(_device_of(model)))
+        for name, model in models.items()
     }
     base = counts[baseline]
     timed = {name: timeable(model) for name, model in models.items()}
@@ -171,10 +178,7 @@ def run_latency_bench(
                     copy.deepcopy(model).to(device), probe, threads=threads
                 )
                 entries[f"{name} (folded)"] = folded
-                tally: dict[str, int] = {}
-                for form in chosen.values():
-                    tally[form] = tally.get(form, 0) + 1
-                forms[f"{name} (folded)"] = tally
+                forms[f"{name} (folded)"] = dict(Counter(chosen.values()))
         (row,) = compare_latency(
             entries,
             baseline=baseline,

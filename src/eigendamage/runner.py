@@ -31,6 +31,7 @@ from torch import nn
 
 from .config import FineTuneConfig, PruneConfig, TrainConfig, config_to_dict
 from .data import Loaders, make_loaders
+from .distributed import init_from_env, is_main, on_main, only_main
 from .errors import ConfigError, DataError, EigenDamageError, ModelError, unknown_name
 from .io import (
     CheckpointError,
@@ -123,6 +124,9 @@ def _run_dir(out: Path, *, force: bool, resume: bool) -> Iterator[None]:
     On a user error (:class:`EigenDamageError`) a directory this run created is removed
     again unless a checkpoint already makes it worth resuming; then the error says so.
     """
+    if not is_main():  # rank 0 owns the directory; the others only read from it
+        yield out
+        return
     existed = out.exists()
     if existed and force and not resume:
         _remove_run_files(out)  # stale checkpoints must never be "resumed" by a new run
@@ -251,7 +255,9 @@ def run_train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` from scratch; epoch checkpoints allow resume."""
-    out_dir = check_output_dir(out, force=force, resume=resume)
+    init_from_env()  # under torchrun: join the process group (no-op otherwise)
+    log, progress = only_main(log), progress and is_main()
+    out_dir = on_main(check_output_dir, out, force=force, resume=resume)
     if resume and (done := finished_metrics(out_dir)) is not None:
         log(f"run {out_dir} is already finished")
         return done
@@ -263,7 +269,7 @@ def run_train(
     model = create_model(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
     _check_forward(model, loaders, f"model {cfg.model!r}", cfg.dataset)
     with _run_dir(out_dir, force=force, resume=resume):
-        _write_run_files(out_dir, cfg, device, resume)
+        only_main(_write_run_files)(out_dir, cfg, device, resume)
         start = time.perf_counter()
         history = train(
             model,
@@ -290,8 +296,8 @@ def run_train(
             "seconds": {"train": seconds},
             "history": history.to_dict(),
         }
-        save_model(model.cpu(), out_dir / MODEL_DIR)
-        atomic_write_json(out_dir / METRICS_FILE, metrics)
+        only_main(save_model)(model.cpu(), out_dir / MODEL_DIR)
+        only_main(atomic_write_json)(out_dir / METRICS_FILE, metrics)
     log(f"trained {cfg.model}: val {metrics['val_acc']:.4f}, test {metrics['test_acc']:.4f}")
     return metrics
 
@@ -395,7 +401,9 @@ def run_prune(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Prune a model (a registry name, or a directory written by ``save_model``)."""
-    out_dir = check_output_dir(out, force=force, resume=resume)
+    init_from_env()  # under torchrun: join the process group (no-op otherwise)
+    log, progress = only_main(log), progress and is_main()
+    out_dir = on_main(check_output_dir, out, force=force, resume=resume)
     if resume and (done := finished_metrics(out_dir)) is not None:
         log(f"run {out_dir} is already finished")
         return done
@@ -424,7 +432,7 @@ def run_prune(
                 f"{exc}; delete {out_dir / ROUNDS_DIR / STATE_FILE} to redo all rounds"
             ) from exc
     with _run_dir(out_dir, force=force, resume=resume):
-        _write_run_files(out_dir, cfg, device, resume)
+        only_main(_write_run_files)(out_dir, cfg, device, resume)
         original = original.to(device)
         model = model.to(device)
         reference = count(original, input_shape)
@@ -434,14 +442,15 @@ def run_prune(
         rounds_done: list[dict[str, Any]] = list(state.get("rounds", []))
 
         def on_round(pruned: nn.Module, info: RoundInfo) -> None:
-            save_model(pruned, out_dir / ROUNDS_DIR / f"round_{info.round}")
+            only_main(save_model)(pruned, out_dir / ROUNDS_DIR / f"round_{info.round}")
             rounds_done.append(_round_record(info, pruned, loaders, device))
-            atomic_write_json(
+            only_main(atomic_write_json)(
                 out_dir / ROUNDS_DIR / STATE_FILE,
                 {"finished_rounds": info.round, "before": before_acc, "rounds": rounds_done},
             )
             # The round is safe in round_k/: its fine-tuning checkpoint is no longer needed.
-            _finetune_checkpoint(out_dir, info.round).unlink(missing_ok=True)
+            if is_main():
+                _finetune_checkpoint(out_dir, info.round).unlink(missing_ok=True)
 
         result = run_pruning(
             model,
@@ -467,8 +476,8 @@ def run_prune(
             before_round=lambda r: reseed_loader(loaders.train, cfg.seed * 104729 + r),
         )
         metrics = _prune_metrics(result, reference, before_acc, loaders, device, rounds_done)
-        save_model(result.model.cpu(), out_dir / MODEL_DIR)
-        atomic_write_json(out_dir / METRICS_FILE, metrics)
+        only_main(save_model)(result.model.cpu(), out_dir / MODEL_DIR)
+        only_main(atomic_write_json)(out_dir / METRICS_FILE, metrics)
     return metrics
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .distributed import is_main, shard_loader, wrap_ddp
 from .errors import ConfigError, DataError, EigenDamageError
 from .io import CheckpointError, load_checkpoint, save_checkpoint
 from .seeding import rng_state, seed_everything, set_rng_state
@@ -383,6 +384,9 @@ def train(
     else:
         seed_everything(seed)
 
+    net = wrap_ddp(model)  # DDP when distributed: gradients averaged over ranks
+    train_loader = shard_loader(train_loader, seed)  # this rank's share of every batch
+    progress = progress and is_main()
     modes = _modes(model)
     n_batches = _batch_count(train_loader)
     try:
@@ -397,7 +401,7 @@ def train(
                 bar.reset(batch_task, total=n_batches)
                 t0 = time.perf_counter()
                 loss, acc = _train_epoch(
-                    model,
+                    net,
                     train_loader,
                     optimizer,
                     dev,
@@ -413,7 +417,7 @@ def train(
                 history.val_acc.append(val.accuracy if val else None)
                 history.lr.append(epoch_lr)
                 history.seconds.append(time.perf_counter() - t0)
-                if ckpt is not None:
+                if ckpt is not None and is_main():
                     save_checkpoint(
                         ckpt,
                         {

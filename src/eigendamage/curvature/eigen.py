@@ -6,7 +6,8 @@ Cost is ``O(d^3)`` per factor and dominated by the few largest ones, so the poli
   factors with a side above ``fp32_above`` are decomposed in float32.  Such a factor was
   accumulated in float32 and is only known to ``~eps32 * ||M||``; a float32 ``eigh``
   (backward error of the same order) loses little that float64 could recover from it, at a
-  fraction of the cost (accuracy and speed: ``benchmarks/eigh_bench.py``).
+  fraction of the cost (accuracy and speed: ``benchmarks/eigh_bench.py``); a float32
+  ``eigh`` that does not converge is redone in float64.
 * **scheduling**: on CUDA, factors of equal size are stacked into one batched
   ``torch.linalg.eigh`` call (few kernel launches).  On CPU a batched call is only a loop
   over LAPACK, whose tridiagonal reduction is memory-bound and scales poorly with threads;
@@ -49,11 +50,15 @@ def _sym(m: torch.Tensor) -> torch.Tensor:
     return 0.5 * (m + m.transpose(-1, -2))
 
 
-def _eigh(stack: torch.Tensor, dtype: torch.dtype) -> EighResult:
-    """``eigh`` of a ``(B, d, d)`` stack computed in ``dtype``."""
+def _eigh(stack: torch.Tensor, dtype: torch.dtype, fallback: torch.dtype) -> EighResult:
+    """``eigh`` of a ``(B, d, d)`` stack in ``dtype``; if that does not converge (float32
+    divide-and-conquer can fail on the large clusters of ~zero eigenvalues of a factor from
+    few examples), once more in ``fallback``."""
     try:
         return torch.linalg.eigh(_sym(stack.to(dtype)))
-    except torch.linalg.LinAlgError as err:  # pragma: no cover - LAPACK failure
+    except torch.linalg.LinAlgError as err:
+        if fallback != dtype:
+            return _eigh(stack, fallback, fallback)
         raise CurvatureError(
             f"eigendecomposition of {stack.shape[0]} factor(s) of size {stack.shape[-1]} "
             f"failed ({err}); raise the damping or use more batches"
@@ -79,7 +84,7 @@ def batched_eigh(
     """
     mats = list(mats)
     if not batched:
-        return [_finish(m, *_eigh(m.reshape(-1, *m.shape[-2:]), dtype)) for m in mats]
+        return [_finish(m, *_eigh(m.reshape(-1, *m.shape[-2:]), dtype, dtype)) for m in mats]
 
     def precision(m: torch.Tensor) -> torch.dtype:
         low = m.dtype.itemsize <= 4 and fp32_above is not None and m.shape[-1] > fp32_above
@@ -93,7 +98,7 @@ def batched_eigh(
             by_size[(m.shape[-1], m.device)].append(i)
     for (d, _), idx in by_size.items():
         stack = torch.cat([mats[i].reshape(-1, d, d) for i in idx])
-        lam, q = _eigh(stack, precision(stack))
+        lam, q = _eigh(stack, precision(stack), dtype)
         start = 0
         for i in idx:
             count = mats[i].reshape(-1, d, d).shape[0]
@@ -102,7 +107,7 @@ def batched_eigh(
 
     def one(i: int) -> EighResult:
         m = mats[i]
-        return _finish(m, *_eigh(m.reshape(-1, *m.shape[-2:]), precision(m)))
+        return _finish(m, *_eigh(m.reshape(-1, *m.shape[-2:]), precision(m), dtype))
 
     workers = workers or torch.get_num_threads()
     order = sorted(cpu, key=lambda i: -mats[i].numel() * mats[i].shape[-1])  # largest first

@@ -53,7 +53,7 @@ def fold_for_speed(
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        with torch.inference_mode(), flush_denormals():
+        with torch.no_grad(), flush_denormals():
             for name in names:
                 if name not in inputs:  # not called on this input: leave it as it is
                     continue
@@ -100,7 +100,7 @@ def _layer_inputs(model: nn.Module, names: list[str], example_inputs: Any) -> di
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        with eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.no_grad():
             call_model(model, example_inputs)
     finally:
         for h in handles:

@@ -148,6 +148,21 @@ def _calibrate_batchnorm(model: Any, x: Any) -> None:
         m.momentum = momentum
 
 
+def _randomize_zero_weights(model: Any) -> None:
+    """Give all-zero weight matrices small random values.
+
+    Why: torchvision's ViTs initialise their head to zeros, so every output is 0 and each
+    output comparison (reparameterisation, save/load) would pass vacuously.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g).to(p))
+
+
 def _float64_equivalence(model: Any, kfe: dict[str, Any], x: Any) -> float:
     """Relative max difference of ``to_eigenbasis`` in float64, with the eigenvectors
     re-orthonormalised (QR) in float64.
@@ -245,7 +260,8 @@ def run_one(name: str, emit: Any) -> None:
     from eigendamage.surgery.eigenbasis import to_eigenbasis
 
     torch.manual_seed(0)
-    row: dict[str, Any] = {"model": name, "seconds": {}}
+    device = torch.device(os.environ.get("COVERAGE_DEVICE", "cpu"))
+    row: dict[str, Any] = {"model": name, "seconds": {}, "machine": _machine(device)}
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -254,9 +270,10 @@ def run_one(name: str, emit: Any) -> None:
         clock = time.perf_counter()
         emit(row)
 
-    model = create_model(name, num_classes=10, **HF.get(name, {})).eval()
+    model = create_model(name, num_classes=10, **HF.get(name, {})).eval().to(device)
     tokens = model.eigendamage_spec.get("input_kind") == "tokens"
-    x, y = _inputs(model, name)
+    _randomize_zero_weights(model)
+    x, y = (t.to(device) for t in _inputs(model, name))
     _calibrate_batchnorm(model, x)
     loader = [(x, y)]
     row["input"] = list(x.shape)
@@ -294,7 +311,7 @@ def run_one(name: str, emit: Any) -> None:
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 save_model(pruned, tmp)
-                loaded = load_model(tmp).eval()
+                loaded = load_model(tmp).eval().to(device)
             with torch.no_grad():
                 diff = _max_diff(loaded(x), pruned.eval()(x))
             row["save_load"] = {"max_abs_diff": diff, "same_class": type(loaded) is type(model)}
@@ -335,7 +352,7 @@ def run_one(name: str, emit: Any) -> None:
                 row[method] = _kept(result.before, result.after)
             with tempfile.TemporaryDirectory() as tmp:
                 save_model(pruned, tmp)
-                loaded = load_model(tmp).eval()
+                loaded = load_model(tmp).eval().to(device)
             with torch.no_grad():
                 row[method]["save_load_diff"] = _max_diff(loaded(x), pruned.eval()(x))
         except Exception as exc:
@@ -354,10 +371,19 @@ def worker(name: str) -> None:
     run_one(name, lambda row: print("ROW " + json.dumps(row), flush=True))
 
 
-def measure(name: str, timeout: float, threads: int) -> dict[str, Any]:
+def _machine(device: Any) -> str:
+    import torch
+
+    where = f"{os.cpu_count()} CPU cores"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    return f"{where}, torch {torch.__version__}, python {platform.python_version()}"
+
+
+def measure(name: str, timeout: float, threads: int, device: str = "cpu") -> dict[str, Any]:
     """Run one model in a subprocess; the last row it printed, plus the timeout if hit."""
     cmd = [sys.executable, __file__, "--worker", name]
-    env = {**os.environ, "COVERAGE_THREADS": str(threads)}
+    env = {**os.environ, "COVERAGE_THREADS": str(threads), "COVERAGE_DEVICE": device}
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -391,6 +417,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
     parser.add_argument("--jobs", type=int, default=1, help="model processes at once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: where models run")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "coverage.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "coverage.md")
     args = parser.parse_args()
@@ -403,7 +430,7 @@ def main() -> None:
         lock = threading.Lock()
 
         def one(name: str) -> None:
-            row = measure(name, args.timeout, args.threads)
+            row = measure(name, args.timeout, args.threads, args.device)
             with lock:
                 results[name] = row
                 print(summary_line(row), flush=True)
@@ -423,7 +450,8 @@ def eigendamage_ok(row: dict[str, Any]) -> bool:
     ed, sl, rp = row.get("eigendamage", {}), row.get("save_load", {}), row.get("reparam", {})
     if "params_kept" not in ed or "max_abs_diff" not in sl or "float64_rel_diff" not in rp:
         return False
-    return sl["max_abs_diff"] == 0.0 and rp["float64_rel_diff"] <= REPARAM_TOLERANCE
+    nonzero = rp.get("output_scale", 0.0) > 0  # an all-zero output proves nothing
+    return nonzero and sl["max_abs_diff"] == 0.0 and rp["float64_rel_diff"] <= REPARAM_TOLERANCE
 
 
 def failure(row: dict[str, Any]) -> str:
@@ -438,6 +466,8 @@ def failure(row: dict[str, Any]) -> str:
     sl = row.get("save_load", {})
     if sl.get("max_abs_diff", 0) != 0:
         return f"save/load changed outputs by {sl['max_abs_diff']:.2e}"
+    if row.get("reparam", {}).get("output_scale", 1.0) == 0:
+        return "the model's outputs are all zero on the probe: the checks prove nothing"
     rel = row.get("reparam", {}).get("float64_rel_diff")
     return f"float64 reparameterisation differs by {rel} (relative)"
 
@@ -467,6 +497,13 @@ def summary_line(row: dict[str, Any]) -> str:
     return f"{row['model']}: {status} ({row.get('wall_seconds', 0):.0f} s)"
 
 
+UNRECORDED = "2 CPU cores, torch 2.14.1 (machine not recorded)"
+
+
+def on_gpu(row: dict[str, Any]) -> bool:
+    return "NVIDIA" in row.get("machine", "")
+
+
 def render(results: dict[str, dict[str, Any]]) -> str:
     families = {
         "torchvision": [r for n, r in results.items() if n.startswith("torchvision:")],
@@ -476,9 +513,13 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         "# Coverage: which models each method prunes",
         "",
-        "Generated by `python benchmarks/coverage.py` (raw results: `docs/coverage.json`); "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        "random weights.",
+        "Generated by `python benchmarks/coverage.py` (raw results: `docs/coverage.json`), "
+        "random weights. Machines: "
+        + "; ".join(
+            f"{m} ({n} models{', marked † in the s column' if 'NVIDIA' in m else ''})"
+            for m, n in Counter(r.get("machine", UNRECORDED) for r in results.values()).items()
+        )
+        + ".",
         "",
         "Per model: a batch of 2 random inputs (64x64 images, or the model's own size when it "
         "refuses 64x64: ViT, MaxViT, Inception v3 use 224/299; 32 tokens for transformers), "
@@ -544,7 +585,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 _reparam_cell(rp),
                 save,
                 *(_cell(row.get(m)) for m in CHANNEL_METHODS),
-                f"{row.get('wall_seconds', 0):.0f}",
+                f"{row.get('wall_seconds', 0):.0f}" + (" †" if on_gpu(row) else ""),
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -122,6 +122,8 @@ def render(sections: list[tuple[str, str, str]], args: argparse.Namespace) -> st
         body = table.splitlines()[1:]  # drop the "# latency on ..." header line
         lines += [f"## {short} (`{name}`, 224x224)", "", *body, ""]
     runs = "runs/latency"
+    cuda = args.device.startswith("cuda")
+    where_flags = f"--device {args.device}" if cuda else f"--threads {args.threads}"
     lines += [
         "## How to read it",
         "",
@@ -140,12 +142,7 @@ def render(sections: list[tuple[str, str, str]], args: argparse.Namespace) -> st
         "possibly more FLOPs.",
         "* **speed-up** = original median ms / model median ms; **FLOPs removed** are "
         "multiply-accumulates of Conv/Linear layers at batch 1 (`eigendamage.measure`).",
-        "* The machine is shared with other jobs: the models take turns (alternating "
-        "rounds) so that slow spells hit all of them, and denormal floats are flushed "
-        "(random-weight activations otherwise fall into slow denormal arithmetic). With 2 "
-        "threads on this 2-core machine, every op waited for its slower thread and "
-        "medians moved by up to 2x between rounds; single-threaded numbers were consistent "
-        "across rounds and batch sizes, hence `--threads 1` (the default here).",
+        timing_note(args.device),
         "* FLOPs count Conv/Linear layers only: in ViT-S the attention products "
         "(`QK^T`, `AV`), softmax, LayerNorm and GELU are not pruned and not counted, so "
         "its speed-up stays below `1 / (1 - FLOPs removed)`.",
@@ -153,12 +150,12 @@ def render(sections: list[tuple[str, str, str]], args: argparse.Namespace) -> st
         "## Reproduce",
         "",
         "```bash",
-        "python benchmarks/latency.py            # prunes into runs/latency/, measures, "
-        "writes this page",
+        f"python benchmarks/latency.py{' --device ' + args.device if cuda else ''}"
+        "   # prunes into runs/latency/, measures, writes this page",
         f"eigendamage bench latency --model {runs}/resnet50-r0.5 --model {runs}/resnet50-r0.7 "
-        f"--threads {args.threads} --batch-size 1 --batch-size 8",
+        f"{where_flags} --batch-size 1 --batch-size 8",
         f"eigendamage bench latency --model {runs}/vit_small-r0.5 --model "
-        f"{runs}/vit_small-r0.7 --threads {args.threads} --batch-size 1 --batch-size 8",
+        f"{runs}/vit_small-r0.7 {where_flags} --batch-size 1 --batch-size 8",
         "```",
         "",
         "(The CLI's baseline defaults to the unpruned base model of the first `--model`, "
@@ -166,6 +163,23 @@ def render(sections: list[tuple[str, str, str]], args: argparse.Namespace) -> st
         "",
     ]
     return "\n".join(lines)
+
+
+def timing_note(device: str) -> str:
+    if device.startswith("cuda"):
+        return (
+            "* On the GPU the device is synchronised around every timed run; at small "
+            "batches a ResNet-50 or ViT-S forward is bound by kernel launches, not FLOPs, so "
+            "extra (smaller) layers can cost more than the FLOPs they save."
+        )
+    return (
+        "* The machine is shared with other jobs: the models take turns (alternating "
+        "rounds) so that slow spells hit all of them, and denormal floats are flushed "
+        "(random-weight activations otherwise fall into slow denormal arithmetic). With 2 "
+        "threads on this 2-core machine, every op waited for its slower thread and "
+        "medians moved by up to 2x between rounds; single-threaded numbers were consistent "
+        "across rounds and batch sizes, hence `--threads 1` (the default here)."
+    )
 
 
 if __name__ == "__main__":

@@ -575,7 +575,45 @@ def describe_architecture(model: nn.Module, base: nn.Module | None = None) -> di
     tied = _tied_parameters(model)
     if tied:
         doc["tied"] = tied
+    attributes = _changed_attributes(model, base)
+    if attributes:
+        doc["attributes"] = attributes
     return doc
+
+
+def _changed_attributes(model: nn.Module, base: nn.Module) -> dict[str, dict[str, int]]:
+    """Head counts (``HEAD_ATTRIBUTES``) that head pruning changed, by module path: the
+    attention's ``forward`` reads them, and they are not part of any weight's shape."""
+    from .structure.heads import HEAD_ATTRIBUTES
+
+    base_mods = dict(base.named_modules())
+    changed: dict[str, dict[str, int]] = {}
+    for path, module in model.named_modules():
+        ref = base_mods.get(path)
+        if ref is None or type(ref) is not type(module):
+            continue
+        diff = {
+            a: getattr(module, a)
+            for a in HEAD_ATTRIBUTES
+            if isinstance(getattr(module, a, None), int) and getattr(module, a) != getattr(ref, a)
+        }
+        if diff:
+            changed[path] = diff
+    return changed
+
+
+def _set_attributes(model: nn.Module, attributes: Mapping[str, Mapping[str, int]]) -> None:
+    from .structure.heads import HEAD_ATTRIBUTES
+
+    for path, values in attributes.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as exc:
+            raise ModelError(f"architecture.json sets attributes of missing {path!r}") from exc
+        for attr, value in values.items():
+            if attr not in HEAD_ATTRIBUTES or not isinstance(value, int):
+                raise ModelError(f"architecture.json: attribute {path}.{attr}={value!r} refused")
+            setattr(module, attr, value)
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:
@@ -644,6 +682,7 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     doc = describe_architecture(model, base)
     with torch.random.fork_rng(devices=[]):  # new modules' init must not move the caller's RNG
         rebuilt = _apply(base, doc["modules"], doc.get("tied"))
+    _set_attributes(rebuilt, doc.get("attributes", {}))
     if _shapes(rebuilt) != _shapes(model):
         want, got = _shapes(model), _shapes(rebuilt)
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
@@ -689,6 +728,7 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # new modules' init must not move the caller's RNG
         try:
             model = _apply(base, doc.get("modules") or {}, doc.get("tied") or {})
+            _set_attributes(model, doc.get("attributes") or {})
         except ModelError as exc:
             raise ModelError(f"{arch_file}: {exc}") from exc
     try:

@@ -19,6 +19,11 @@ Where torch-pruning falls short, and what is done about it:
   GroupNorm, whose removal we do not verify) make their group skipped, likewise.
 * It has no notion of "the output layer"; we walk back from the graph's sinks to find the
   Conv/Linear producing each model output and never prune its outputs (class logits).
+* Attention projections: their channels are positions inside heads.  Groups that would
+  remove query/key/value rows or output-projection columns are skipped, and each attention
+  module an adapter recognises gets one group of its own whose channels are whole heads
+  (:mod:`eigendamage.structure.heads`).
+* Models returning HF-style outputs are traced through their logits.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..curvature.hooks import logits_of
 from ..errors import ModelError
 from ..surgery.channels import Plan, remove_channels_, zero_channels_
+from .heads import HeadLayout, find_heads, refresh_head_counts
 
 _ROOT_TYPES = (nn.Conv2d, nn.Linear)
 _MEMBER_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -76,6 +83,7 @@ class ChannelGroups:
     groups: list[ChannelGroup]
     ignored: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)  # group id -> reason
+    heads: list[HeadLayout] = field(default_factory=list)  # attention modules pruned by head
 
     @classmethod
     def build(
@@ -93,9 +101,20 @@ class ChannelGroups:
         for p in traced.parameters():
             p.requires_grad_(True)
         with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(
-                traced, example_inputs=example_inputs, verbose=False
-            )
+            try:
+                dg = tp.DependencyGraph().build_dependency(
+                    traced,
+                    example_inputs=example_inputs,
+                    forward_fn=_trace_forward,
+                    output_transform=logits_of,
+                    verbose=False,
+                )
+            except (RuntimeError, TypeError, AttributeError, ValueError, IndexError) as exc:
+                raise ModelError(
+                    f"cannot trace the channel dependencies of {type(model).__name__} "
+                    f"(torch-pruning: {type(exc).__name__}: {exc}); prune it with "
+                    "method='eigendamage', which needs no dependency graph"
+                ) from exc
         by_name = dict(traced.named_modules())
         names = {m: n for n, m in by_name.items()}
         extra = tuple(ignored_layers or ())
@@ -103,18 +122,29 @@ class ChannelGroups:
         if unknown:
             raise ModelError(f"ignored_layers names not in the model: {unknown}")
         ignored = tuple(dict.fromkeys(_output_layers(dg, names) + extra))
+        layouts, unsupported = find_heads(traced)
+        layouts = [h for h in layouts if not set(h.layers) & set(ignored)]
+        protected = _protected_attention_dims(traced, layouts, unsupported)
+        # Attention projections are never roots: their groups are not wanted, and tracing
+        # them through rotary embeddings can take torch-pruning combinatorially long.
+        not_roots = list(ignored) + [n for n, dim in protected if dim == "out"]
         groups, skipped = [], {}
         for g in dg.get_all_groups(
-            ignored_layers=[by_name[n] for n in ignored], root_module_types=_ROOT_TYPES
+            ignored_layers=[by_name[n] for n in dict.fromkeys(not_roots)],
+            root_module_types=_ROOT_TYPES,
         ):
             group, reason = _convert(dg, g, names)
+            hit = next((m for m in group.members if (m.module, m.dim) in protected), None)
+            if hit is not None and not reason:
+                reason = protected[(hit.module, hit.dim)]
             if reason:
                 skipped[group.id] = reason
             else:
                 groups.append(group)
+        groups += [_head_group(h) for h in layouts]
         order = {n: i for i, n in enumerate(by_name)}
         groups.sort(key=lambda g: order[g.id])  # model order, not tracing order
-        return cls(groups, ignored, skipped)
+        return cls(groups, ignored, skipped, layouts)
 
     def __iter__(self) -> Iterator[ChannelGroup]:
         return iter(self.groups)
@@ -186,7 +216,9 @@ def prune_channels(
     model: nn.Module, groups: ChannelGroups, keep: Mapping[str, torch.Tensor]
 ) -> nn.Module:
     """A NEW model with all channels not in ``keep`` physically removed (no masks, no hooks)."""
-    return remove_channels_(copy.deepcopy(model), groups.removal_plan(keep))
+    pruned = remove_channels_(copy.deepcopy(model), groups.removal_plan(keep))
+    refresh_head_counts(pruned, groups.heads)
+    return pruned
 
 
 def mask_channels(
@@ -199,6 +231,46 @@ def mask_channels(
     physically pruned model and, in eval mode, both compute the same function.
     """
     return zero_channels_(copy.deepcopy(model), groups.removal_plan(keep))
+
+
+def _trace_forward(model: nn.Module, inputs: Any) -> Any:
+    """The model's forward for tracing; HF models without their key/value cache (its
+    concatenations are not part of the network and confuse the tracer)."""
+    config = getattr(model, "config", None)
+    kwargs = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+    if isinstance(inputs, dict):
+        return model(**inputs, **kwargs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs, **kwargs)
+    return model(inputs, **kwargs)
+
+
+def _head_group(layout: HeadLayout) -> ChannelGroup:
+    """One group per attention module: its channels are the removable head units."""
+    members = [
+        Member(name, dim, "linear", torch.arange(len(unit)), unit)
+        for dim, pairs in (("out", layout.rows), ("in", layout.cols))
+        for name, unit in pairs
+    ]
+    return ChannelGroup(layout.module, layout.units, tuple(members))
+
+
+def _protected_attention_dims(
+    model: nn.Module, layouts: list[HeadLayout], unsupported: dict[str, str]
+) -> dict[tuple[str, str], str]:
+    """``{(layer, dim): reason}``: dims of attention projections no channel group may cut."""
+    protected: dict[tuple[str, str], str] = {}
+    for h in layouts:
+        reason = f"attention projections of {h.module!r} are pruned as whole heads"
+        protected.update({(n, "out"): reason for n, _ in h.rows})
+        protected.update({(n, "in"): reason for n, _ in h.cols})
+    for name, why in unsupported.items():
+        reason = f"attention {name!r} keeps its heads whole: {why}"
+        for child, m in model.get_submodule(name).named_children():
+            if isinstance(m, nn.Linear):
+                path = f"{name}.{child}" if name else child
+                protected.update({(path, "out"): reason, (path, "in"): reason})
+    return protected
 
 
 def _output_layers(dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> tuple[str, ...]:

@@ -443,7 +443,7 @@ def main() -> None:
 
 # --------------------------------------------------------------------------- report
 
-REPARAM_TOLERANCE = 1e-9  # float64 check, relative to the output's max magnitude
+REPARAM_TOLERANCE = 1e-6  # float64 check, relative to the output's max magnitude
 
 
 def eigendamage_ok(row: dict[str, Any]) -> bool:
@@ -529,7 +529,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "",
         "* **EigenDamage ok** = `run_pruning(method='eigendamage')` succeeded, `to_eigenbasis` "
         "is exact -- in float64, with the eigenvectors re-orthonormalised, outputs agree to "
-        f"≤ {REPARAM_TOLERANCE:g} relative -- and `save_model` → `load_model` of the pruned "
+        f"≤ {REPARAM_TOLERANCE:g} relative (deep random networks amplify even float64 "
+        "round-off: EfficientNet-V2-M reaches 3e-7; a wrong rewrite differs by O(1)) -- and "
+        "`save_model` → `load_model` of the pruned "
         "model gives *identical* outputs. The reparam column shows the float32 difference "
         "(and the output's max): float32 eigenvectors are orthogonal only to ~1e-7 and deep "
         "random networks amplify such round-off (EfficientNet-B1: ~1e-3 of its output), "

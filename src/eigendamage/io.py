@@ -701,7 +701,6 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 def load_model(path: str | os.PathLike[str]) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` and load its weights strictly (on CPU)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model as st_load_model
 
     p = Path(path)
     if p.is_file() and p.name in (ARCHITECTURE_FILE, WEIGHTS_FILE):
@@ -732,12 +731,34 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
         except ModelError as exc:
             raise ModelError(f"{arch_file}: {exc}") from exc
     try:
-        st_load_model(model, str(weights_file), strict=True)
+        _load_weights(model, weights_file)
     except (RuntimeError, SafetensorError, OSError) as exc:
         raise ModelError(f"cannot load weights {weights_file}: {exc}") from exc
     if getattr(model, "eigendamage_spec", None) is None:  # the root itself was replaced
         model.eigendamage_spec = {**spec, "kwargs": dict(spec.get("kwargs", {}))}
     return model
+
+
+def _load_weights(model: nn.Module, weights_file: Path) -> None:
+    """Load a safetensors file strictly, with the model's own state_dict metadata.
+
+    Why not ``safetensors.torch.load_model``: it drops the per-module ``version`` metadata
+    that some modules' ``_load_from_state_dict`` require (torchvision's MNASNet refuses to
+    load without it).  The file stores a tied tensor once; the names missing from it must
+    be exactly the aliases of names it holds.
+    """
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    state = OrderedDict(load_file(str(weights_file)))
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
+    result = model.load_state_dict(state, strict=False)
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    if untied or result.unexpected_keys:
+        raise RuntimeError(
+            f"missing keys {untied[:5]}, unexpected keys {result.unexpected_keys[:5]}"
+        )
 
 
 # --------------------------------------------------------------------------- legacy files

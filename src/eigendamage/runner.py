@@ -245,6 +245,27 @@ def _check_prunable(model: nn.Module, method: str, input_shape: tuple[int, ...])
 # --------------------------------------------------------------------------- train
 
 
+def _start_run(
+    out: str | Path, force: bool, resume: bool, log: Log, progress: bool
+) -> tuple[Path, Log, bool, dict[str, Any] | None]:
+    """Join torchrun's process group when launched by it (a no-op otherwise); rank 0 alone
+    logs, shows progress and judges the output directory, and every rank gets its verdict.
+    Returns ``(out_dir, log, progress, metrics of an already finished run or None)``."""
+    init_from_env()
+    log, progress = only_main(log), progress and is_main()
+    out_dir = on_main(check_output_dir, out, force=force, resume=resume)
+    done = finished_metrics(out_dir) if resume else None
+    if done is not None:
+        log(f"run {out_dir} is already finished")
+    return out_dir, log, progress, done
+
+
+def _write_result(out_dir: Path, model: nn.Module, metrics: dict[str, Any]) -> None:
+    """The finished run: the model, then the metrics (whose presence marks it finished)."""
+    save_model(model.cpu(), out_dir / MODEL_DIR)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
+
+
 def run_train(
     cfg: TrainConfig,
     out: str | Path,
@@ -255,11 +276,8 @@ def run_train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` from scratch; epoch checkpoints allow resume."""
-    init_from_env()  # under torchrun: join the process group (no-op otherwise)
-    log, progress = only_main(log), progress and is_main()
-    out_dir = on_main(check_output_dir, out, force=force, resume=resume)
-    if resume and (done := finished_metrics(out_dir)) is not None:
-        log(f"run {out_dir} is already finished")
+    out_dir, log, progress, done = _start_run(out, force, resume, log, progress)
+    if done is not None:
         return done
     cfg = _absolute_paths(cfg)
     device = resolve_device(cfg.device)
@@ -296,8 +314,7 @@ def run_train(
             "seconds": {"train": seconds},
             "history": history.to_dict(),
         }
-        only_main(save_model)(model.cpu(), out_dir / MODEL_DIR)
-        only_main(atomic_write_json)(out_dir / METRICS_FILE, metrics)
+        only_main(_write_result)(out_dir, model, metrics)
     log(f"trained {cfg.model}: val {metrics['val_acc']:.4f}, test {metrics['test_acc']:.4f}")
     return metrics
 
@@ -401,11 +418,8 @@ def run_prune(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Prune a model (a registry name, or a directory written by ``save_model``)."""
-    init_from_env()  # under torchrun: join the process group (no-op otherwise)
-    log, progress = only_main(log), progress and is_main()
-    out_dir = on_main(check_output_dir, out, force=force, resume=resume)
-    if resume and (done := finished_metrics(out_dir)) is not None:
-        log(f"run {out_dir} is already finished")
+    out_dir, log, progress, done = _start_run(out, force, resume, log, progress)
+    if done is not None:
         return done
     cfg = _absolute_paths(cfg)
     methods = available_methods()
@@ -476,8 +490,7 @@ def run_prune(
             before_round=lambda r: reseed_loader(loaders.train, cfg.seed * 104729 + r),
         )
         metrics = _prune_metrics(result, reference, before_acc, loaders, device, rounds_done)
-        only_main(save_model)(result.model.cpu(), out_dir / MODEL_DIR)
-        only_main(atomic_write_json)(out_dir / METRICS_FILE, metrics)
+        only_main(_write_result)(out_dir, result.model, metrics)
     return metrics
 
 

@@ -431,3 +431,20 @@ def test_float32_eigh_that_fails_is_redone_in_float64(monkeypatch):
     assert torch.equal(lam, lam_ref) and torch.equal(q, q_ref)
     with pytest.raises(CurvatureError, match="raise the damping"):
         batched_eigh(mats, dtype=torch.float32, workers=1)
+
+
+class _PadsInside(nn.Conv2d):
+    """Like timm's Conv2dSame: pads in its own forward, so the hook's input is not what the
+    convolution reads."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+
+def test_layers_with_their_own_forward_are_left_out_or_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(_PadsInside(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    data = [(torch.randn(2, 3, 6, 6), torch.tensor([0, 1]))]
+    assert set(collect_kfac(model, data)) == {"3"}  # the padding conv is not a plain layer
+    with pytest.raises(ModelError, match="its own forward"):
+        collect_kfac(model, data, modules=["0"])

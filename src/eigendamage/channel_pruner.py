@@ -24,6 +24,7 @@ from .criteria import ScoreContext, get_criterion
 from .criteria.base import GlobalRanking
 from .criteria.weight_level import WEIGHT_METHODS, weight_prune
 from .curvature.factors import KFactors
+from .curvature.hooks import is_plain_layer
 from .errors import ConfigError, ModelError
 from .measure import count
 from .structure import ChannelGroups, prune_channels
@@ -75,8 +76,11 @@ def channel_prune(
     groups = ChannelGroups.build(model, example_inputs, ignored_layers)
     if not len(groups):
         raise ModelError(f"{type(model).__name__} has no prunable channel groups")
+    layers = groups.root_layers()
+    if "kfac" in criterion.needs:  # curvature exists for plain layers only (unscored: kept)
+        layers = [n for n in layers if is_plain_layer(model.get_submodule(n))]
     ctx = ScoreContext(
-        layers=groups.root_layers(),
+        layers=layers,
         norm_layers=groups.norm_layers(),
         damping=damping,
         seed=seed,
@@ -194,11 +198,7 @@ def prune_round(
     if method in WEIGHT_METHODS:
         if target is not None:
             raise ConfigError(f"{method} is weight-level: give a ratio (sparsity), not a budget")
-        layers = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, nn.Conv2d | nn.Linear) and n not in exclude
-        ]
+        layers = [n for n, m in model.named_modules() if is_plain_layer(m) and n not in exclude]
         start = time.perf_counter()
         pruned, info = weight_prune(model, loader, method, ratio, modules=layers, **curvature)
         counts = _count(pruned, example)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..curvature.factors import KFE
-from ..curvature.hooks import call_model, eval_mode, model_device, to_device
+from ..curvature.hooks import call_model, eval_mode, is_plain_layer, model_device, to_device
 from ..errors import ConfigError
 from ..surgery.eigenbasis import (
     Factored,
@@ -180,7 +180,6 @@ def apply_plan(model: nn.Module, rotated: dict[str, Factored], plan: EigenDamage
 
 MAX_SIDE = 8192
 # Subclasses of nn.Linear/nn.Conv2d whose own forward computes exactly the plain layer.
-_PLAIN_SUBCLASSES = ("timm.layers.linear.Linear",)
 
 
 def eigendamage_targets(
@@ -285,7 +284,7 @@ def _static_reason(
         others = sorted(owners[id(param)] - set(names_of[id(module)]))
         if others:
             return f"tied parameter, also in {others[0]!r}"
-    if not _plain(module):
+    if not is_plain_layer(module):
         return f"{type(module).__name__} overrides forward"
     sides = (
         (module.in_features, module.out_features)
@@ -295,16 +294,6 @@ def _static_reason(
     if max(sides) > max_side:
         return f"too wide for the eigendecomposition ({max(sides)} > max_side={max_side})"
     return None
-
-
-def _plain(module: nn.Module) -> bool:
-    """True when ``module`` computes exactly the plain nn.Linear/nn.Conv2d of its weights."""
-    cls = type(module)
-    if cls in (nn.Linear, nn.Conv2d) or f"{cls.__module__}.{cls.__qualname__}" in _PLAIN_SUBCLASSES:
-        return True
-    if isinstance(module, nn.Conv2d):
-        return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
-    return cls.forward is nn.Linear.forward
 
 
 def _probe_calls(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, list[int]]:

@@ -30,6 +30,22 @@ from ..errors import ConfigError, CurvatureError, ModelError
 
 FISHER_TYPES = ("true", "empirical")
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+# Subclasses known to compute exactly their base class's forward.
+_PLAIN_SUBCLASSES = ("timm.layers.linear.Linear",)
+
+
+def is_plain_layer(module: nn.Module) -> bool:
+    """True when ``module`` computes exactly the plain nn.Linear/nn.Conv2d of its weights.
+
+    Why: the factors are built from the layer's input as the hook sees it; a subclass with
+    its own forward (timm's ``Conv2dSame`` pads inside it) would get silently wrong ones.
+    """
+    cls = type(module)
+    if cls in SUPPORTED_LAYERS or f"{cls.__module__}.{cls.__qualname__}" in _PLAIN_SUBCLASSES:
+        return True
+    if isinstance(module, nn.Conv2d):
+        return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    return isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward
 
 
 @dataclass
@@ -58,7 +74,7 @@ def resolve_targets(
     """Map names to the Linear/Conv2d layers to collect on (all of them by default)."""
     named = dict(model.named_modules())
     if modules is None:
-        targets = {n: m for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)}
+        targets = {n: m for n, m in named.items() if is_plain_layer(m)}
     else:
         by_id = {id(m): n for n, m in named.items()}
         targets = {}
@@ -70,6 +86,11 @@ def resolve_targets(
                 raise ModelError(
                     f"layer {name!r} is a {type(named[name]).__name__}; curvature is "
                     "estimated for nn.Linear and nn.Conv2d layers only"
+                )
+            if not is_plain_layer(named[name]):
+                raise ModelError(
+                    f"layer {name!r} is a {type(named[name]).__name__} with its own forward "
+                    "(e.g. padding inside it): its K-FAC factors would be wrong; leave it out"
                 )
             targets[name] = named[name]
     if not targets:

@@ -448,3 +448,18 @@ def test_layers_with_their_own_forward_are_left_out_or_refused():
     assert set(collect_kfac(model, data)) == {"3"}  # the padding conv is not a plain layer
     with pytest.raises(ModelError, match="its own forward"):
         collect_kfac(model, data, modules=["0"])
+
+
+def test_linear_on_channels_last_maps_reads_features_last():
+    # ConvNeXt/Swin apply nn.Linear to (N, H, W, C): its factors are those of the same layer
+    # on (N, H*W, C) tokens, not a conv-layout reading of the 4-D gradient.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, y = torch.randn(2, 4, 5, 3), torch.randint(0, 2, (2, 4, 5))
+    maps = collect_kfac(model, [(x, y)], fisher="empirical", diag=True)["0"]
+    tokens = collect_kfac(
+        model, [(x.reshape(2, 20, 3), y.reshape(2, 20))], fisher="empirical", diag=True
+    )["0"]
+    for field in ("A", "S"):
+        torch.testing.assert_close(getattr(maps, field), getattr(tokens, field))
+    torch.testing.assert_close(maps.extra["diag"], tokens.extra["diag"])

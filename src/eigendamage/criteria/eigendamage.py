@@ -27,13 +27,11 @@ would not be exact or not be affordable -- each skip comes with its reason:
   (timm's ``Linear``, a plain ``F.linear``, is allowed);
 * layers with a side wider than ``max_side`` (VGG's 25088-input Linear): the ``O(d^3)``
   eigendecomposition of a ``d x d`` factor would dominate the whole run;
-* Linear layers called on 4-D ``(N, H, W, C)`` inputs (ConvNeXt/Swin MLPs), only while
-  ``collect_kfac`` reads such output gradients in conv layout (checked at run time).
+* layers never called as modules in the forward pass (checked on an example input).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -249,16 +247,9 @@ def target_policy(
     if calls is not None:
         for name in list(targets):
             ranks = calls[name]
-            if not ranks:
-                reason = "never called as a module in the forward pass (eval mode)"
-            elif (
-                4 in ranks
-                and isinstance(model.get_submodule(name), nn.Linear)
-                and not _kfac_reads_4d_linear()
-            ):
-                reason = "Linear on a 4-D (N, H, W, C) input: K-FAC reads it as conv layout"
-            else:
+            if ranks:
                 continue
+            reason = "never called as a module in the forward pass (eval mode)"
             targets.remove(name)
             skipped[name] = reason
     return targets, skipped
@@ -314,23 +305,6 @@ def _probe_calls(model: nn.Module, names: list[str], example_inputs: Any) -> dic
         for h in handles:
             h.remove()
     return calls
-
-
-@functools.cache
-def _kfac_reads_4d_linear() -> bool:
-    """Whether ``collect_kfac`` gets S right for a Linear on a 4-D ``(N, H, W, C)`` input
-    (ConvNeXt/Swin MLPs).  Checked once on a toy layer, so that the skip rule above lifts
-    itself as soon as the curvature code dispatches on the layer type instead of the rank."""
-    from ..curvature import collect_kfac
-
-    with torch.random.fork_rng(devices=[]):  # the toy layer's init must not move the RNG
-        layer = nn.Sequential(nn.Linear(3, 2))
-        batch = (torch.randn(1, 4, 5, 3), torch.zeros(1, 4, 5, dtype=torch.long))
-        try:
-            factors = collect_kfac(layer, [batch], modules=["0"])
-        except Exception:  # any failure means: not supported
-            return False
-    return tuple(factors["0"].S.shape) == (2, 2)
 
 
 def _inside_bottleneck(model: nn.Module, name: str) -> bool:

@@ -77,7 +77,8 @@ def kfe_diagonal(
             q_a = kfe[name].A.Q.to(device=calls[0].inputs.device, dtype=dtype)
             q_s = kfe[name].S.Q.to(device=calls[0].inputs.device, dtype=dtype)
             for call in calls:
-                g = grad_rows(call.grad_output.to(dtype))[:, 0] @ q_s  # (N, T, O')
+                conv = isinstance(module, nn.Conv2d)
+                g = grad_rows(call.grad_output.to(dtype), conv=conv)[:, 0] @ q_s  # (N, T, O')
                 x = call.inputs.to(dtype)
                 if isinstance(module, nn.Conv2d):
                     u = unfold_patches(x, module)[:, 0]  # (N, T, C*K)

@@ -116,10 +116,11 @@ class _Accumulator:
 
     def add(self, call: LayerCall) -> None:
         grad = call.grad_output.to(self.dtype)
-        self.S = _add(self.S, output_gram(grad, self.groups))
+        conv = isinstance(self.module, nn.Conv2d)
+        self.S = _add(self.S, output_gram(grad, self.groups, conv))
         x = call.inputs.to(self.dtype)
         if self.want_diag:
-            g, a = grad_rows(grad, self.groups), input_rows(self.module, x)
+            g, a = grad_rows(grad, self.groups, conv), input_rows(self.module, x)
             self.diag = _add(self.diag, per_example_square_sum(g, a))
         if call.draw > 0:
             return  # A depends on the inputs only: one accumulation per batch

@@ -103,9 +103,12 @@ def gram(rows: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return per_group.transpose(1, 2) @ per_group
 
 
-def output_gram(grad_output: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """``sum_{n,t} g_{n,t} g_{n,t}^T`` per group: the unnormalised ``S``, one GEMM."""
-    if grad_output.dim() == 4:
+def output_gram(grad_output: torch.Tensor, groups: int = 1, conv: bool = True) -> torch.Tensor:
+    """``sum_{n,t} g_{n,t} g_{n,t}^T`` per group: the unnormalised ``S``, one GEMM.
+
+    ``conv``: the gradient is a Conv2d output ``(N, O, H, W)``; otherwise features are last
+    whatever the rank (a Linear on ``(N, H, W, C)`` maps, as in ConvNeXt and Swin)."""
+    if conv and grad_output.dim() == 4:
         return gram(channel_rows(grad_output), groups)
     return gram(grad_output.reshape(-1, grad_output.shape[-1]), groups)
 
@@ -171,9 +174,10 @@ def _support(counts: tuple[int, ...]) -> tuple[slice, tuple[int, ...]]:
     return sl, counts[sl]
 
 
-def grad_rows(grad_output: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """Output gradients as ``(N, groups, T, d_out/groups)`` (T = locations or tokens)."""
-    if grad_output.dim() == 4:  # conv: (N, O, H, W)
+def grad_rows(grad_output: torch.Tensor, groups: int = 1, conv: bool = True) -> torch.Tensor:
+    """Output gradients as ``(N, groups, T, d_out/groups)`` (T = locations or tokens);
+    ``conv`` as in :func:`output_gram`."""
+    if conv and grad_output.dim() == 4:  # conv: (N, O, H, W)
         n, o = grad_output.shape[:2]
         return grad_output.reshape(n, groups, o // groups, -1).transpose(2, 3)
     n, o = grad_output.shape[0], grad_output.shape[-1]

@@ -455,7 +455,13 @@ def eigendamage_ok(row: dict[str, Any]) -> bool:
 
 
 def failure(row: dict[str, Any]) -> str:
-    """The first reason a model is not ok under EigenDamage."""
+    """The first reason a model is not ok under EigenDamage, with the row's ``note`` (what
+    was tried and why it could not be finished), when the JSON has one."""
+    reason = _first_failure(row)
+    return f"{reason}. {row['note']}" if row.get("note") else reason
+
+
+def _first_failure(row: dict[str, Any]) -> str:
     for key in ("eigendamage", "save_load", "reparam"):
         if "error" in row.get(key, {}):
             return f"{key}: {row[key]['error']}"

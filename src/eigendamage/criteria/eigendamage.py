@@ -26,8 +26,7 @@ would not be exact or not be affordable -- each skip comes with its reason:
   weight standardisation): the surgery rebuilds plain layers and would drop that behaviour
   (timm's ``Linear``, a plain ``F.linear``, is allowed);
 * layers with a side wider than ``max_side`` (VGG's 25088-input Linear): the ``O(d^3)``
-  eigendecomposition of a ``d x d`` factor would dominate the whole run;
-* layers never called as modules in the forward pass (checked on an example input).
+  eigendecomposition of a ``d x d`` factor would dominate the whole run.
 """
 
 from __future__ import annotations
@@ -246,8 +245,7 @@ def target_policy(
             calls = None
     if calls is not None:
         for name in list(targets):
-            ranks = calls[name]
-            if ranks:
+            if calls[name]:
                 continue
             reason = "never called as a module in the forward pass (eval mode)"
             targets.remove(name)
@@ -287,13 +285,13 @@ def _static_reason(
     return None
 
 
-def _probe_calls(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, list[int]]:
-    """The input rank of every call of each named module in one eval-mode forward."""
-    calls: dict[str, list[int]] = {n: [] for n in names}
+def _probe_calls(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, int]:
+    """How often each named module is called in one eval-mode forward."""
+    calls = dict.fromkeys(names, 0)
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            calls[name].append(args[0].dim() if args and torch.is_tensor(args[0]) else 0)
+            calls[name] += 1
 
         return record
 

@@ -41,9 +41,11 @@ _SEPARATE = (
 )
 _FUSED = (("qkv", "proj"), ("c_attn", "c_proj"))
 _HEAD_DIM = ("head_dim", "attention_head_size")
-# Attributes a forward may read that depend on the number of heads kept.
-HEAD_ATTRIBUTES = ("num_heads", "attn_dim", "num_attention_heads", "all_head_size", "n_heads")
-HEAD_ATTRIBUTES += ("split_size",)
+# Attributes a forward may read that depend on the number of heads kept: head counts, and
+# widths (heads x head_dim).
+_COUNTS = ("num_heads", "num_attention_heads", "n_heads")
+_WIDTHS = ("attn_dim", "all_head_size", "split_size")
+HEAD_ATTRIBUTES = _COUNTS + _WIDTHS
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,10 @@ def _separate(
     return None
 
 
+def _has_heads(module: nn.Module) -> bool:
+    return any(hasattr(module, a) for a in _COUNTS)
+
+
 def find_heads(model: nn.Module) -> tuple[list[HeadLayout], dict[str, str]]:
     """Head layouts of the model's attention modules, and ``{module: reason}`` for attention
     modules whose projections must stay whole."""
@@ -148,7 +154,7 @@ def find_heads(model: nn.Module) -> tuple[list[HeadLayout], dict[str, str]]:
             continue
         d = _head_dim(module)
         if d is None:
-            if any(hasattr(module, a) for a in ("num_heads", "num_attention_heads", "n_heads")):
+            if _has_heads(module):
                 unsupported[name] = "attention without a head_dim attribute"
             continue
         found = _fused(name, module, d) or _separate(name, module, d, parents.get(name))
@@ -157,7 +163,7 @@ def find_heads(model: nn.Module) -> tuple[list[HeadLayout], dict[str, str]]:
                 layouts.append(found)
         elif isinstance(found, str):
             unsupported[name] = found
-        elif any(hasattr(module, a) for a in ("num_heads", "num_attention_heads", "n_heads")):
+        elif _has_heads(module):
             unsupported[name] = "no adapter for this attention layout"
     return layouts, unsupported
 
@@ -169,9 +175,7 @@ def refresh_head_counts(model: nn.Module, layouts: list[HeadLayout]) -> None:
         d = _head_dim(module)
         width = model.get_submodule(layout.cols[0][0]).in_features  # query heads x head_dim
         heads = width // d
-        for attr in ("num_heads", "num_attention_heads", "n_heads"):
-            if isinstance(getattr(module, attr, None), int):
-                setattr(module, attr, heads)
-        for attr in ("attn_dim", "all_head_size", "split_size"):
-            if isinstance(getattr(module, attr, None), int):
-                setattr(module, attr, width)
+        for attrs, value in ((_COUNTS, heads), (_WIDTHS, width)):
+            for attr in attrs:
+                if isinstance(getattr(module, attr, None), int):
+                    setattr(module, attr, value)

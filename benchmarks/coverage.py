@@ -164,29 +164,48 @@ def _randomize_zero_weights(model: Any) -> None:
 
 
 def _float64_equivalence(model: Any, kfe: dict[str, Any], x: Any) -> float:
-    """Relative max difference of ``to_eigenbasis`` in float64, with the eigenvectors
+    """Relative max difference of the KFE rewrite in float64, with the eigenvectors
     re-orthonormalised (QR) in float64.
 
     Why: the float32 check mixes two round-offs that say nothing about the surgery -- the
     eigenvectors of a float32 ``eigh`` are orthogonal only to ~1e-7, and float32 weights
     carry ~1e-7 rounding -- which deep random networks amplify (EfficientNet: ~1e-3 of the
     output).  In float64 with orthonormal bases an exact rewrite must agree to ~1e-12.
+
+    Each layer is swapped for a ``LazyBottleneck``, which builds its float64 bottleneck
+    with the same ``factor -> rotate -> build`` calls as ``to_eigenbasis`` at call time and
+    drops it after: the whole network still runs rewritten end to end, but only one float64
+    bottleneck exists at a time (ViT-L's, all at once, did not fit in 24 GB).
     """
     import torch
 
     from eigendamage.curvature.factors import KFE, Eigen
     from eigendamage.curvature.hooks import logits_of
-    from eigendamage.surgery.eigenbasis import to_eigenbasis
+    from eigendamage.surgery.eigenbasis import build, factor, layer_path, rotate, set_submodule
 
     def orthonormal(e: Any) -> Any:
         return Eigen(torch.linalg.qr(e.Q.double())[0], e.lam.double())
 
-    bases = {n: KFE(orthonormal(b.A), orthonormal(b.S), b.diag) for n, b in kfe.items()}
+    class LazyBottleneck(torch.nn.Module):
+        """A float64 layer that runs as its KFE bottleneck, built afresh on every call."""
+
+        def __init__(self, layer: Any, basis: Any):
+            super().__init__()
+            self.layer, self.basis = layer, basis
+
+        def forward(self, x: Any) -> Any:
+            b = self.basis
+            basis = KFE(orthonormal(b.A), orthonormal(b.S), b.diag)
+            return build(rotate(factor(self.layer), basis), "full")(x)
+
     model64 = copy.deepcopy(model).double()
+    inputs = x.double() if x.is_floating_point() else x
     with torch.no_grad():
-        reference = logits_of(model64(x.double()) if x.is_floating_point() else model64(x))
-        rotated = to_eigenbasis(model64, bases).eval()
-        out = logits_of(rotated(x.double()) if x.is_floating_point() else rotated(x))
+        reference = logits_of(model64(inputs))
+        for core_name, basis in kfe.items():
+            path = layer_path(core_name, model64)
+            set_submodule(model64, path, LazyBottleneck(model64.get_submodule(path), basis))
+        out = logits_of(model64(inputs))
     return float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 

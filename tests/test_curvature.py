@@ -463,3 +463,77 @@ def test_linear_on_channels_last_maps_reads_features_last():
     for field in ("A", "S"):
         torch.testing.assert_close(getattr(maps, field), getattr(tokens, field))
     torch.testing.assert_close(maps.extra["diag"], tokens.extra["diag"])
+
+
+def wide_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 40, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(40, 48, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(48, 64),
+        nn.Tanh(),
+        nn.Linear(64, 50),
+    )
+
+
+@pytest.mark.parametrize("conv_mode", ["patch", "channel"])
+def test_rank_bounds_count_the_vectors_summed_and_bound_the_rank(conv_mode):
+    model = wide_net()
+    x, y = torch.randn(3, 3, 2, 2), torch.tensor([0, 2, 1])
+    factors = collect_kfac(model, loader_of(x, y, 2), conv_mode=conv_mode, samples=2)
+    pixels = 3 * 2 * 2  # examples x locations, over both batches
+    expect = {"0": (pixels, 2 * pixels), "2": (pixels, 2 * pixels), "6": (3, 6), "8": (3, 6)}
+    for name, (a_rows, s_rows) in expect.items():
+        f = factors[name]
+        assert (f.a_rank_bound, f.s_rank_bound) == (a_rows, s_rows)
+        assert torch.linalg.matrix_rank(f.A) <= a_rows
+        assert torch.linalg.matrix_rank(f.S) <= s_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_low_rank_eigh_is_an_exact_eigendecomposition(dtype):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 7, 60, generator=g, dtype=dtype) * torch.logspace(0, -2, 60, dtype=dtype)
+    m = rows.mT @ rows  # (2, 60, 60), rank 7 each
+    ((lam, q),) = batched_eigh([m], fp32_above=0, rank_bounds=[7])
+    ((ref, _),) = batched_eigh([m.double()], batched=False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    scale = float(ref.max())
+    assert (lam[..., 1:] >= lam[..., :-1]).all()
+    assert (lam[..., :-15] == 0).all() and (lam[..., :-7] <= tol * scale).all()  # null space
+    eye = torch.eye(60, dtype=dtype).expand(2, 60, 60)
+    torch.testing.assert_close(q.mT @ q, eye, atol=10 * tol, rtol=0)
+    torch.testing.assert_close((q * lam.unsqueeze(-2)) @ q.mT, m, atol=tol * scale, rtol=0)
+    torch.testing.assert_close(lam.double(), ref, atol=tol * scale, rtol=0)
+
+
+def test_a_wrong_rank_bound_falls_back_to_the_full_eigh():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(80, 40, generator=g)
+    m = rows.T @ rows  # full rank 40, claimed 5
+    ((lam, q),) = batched_eigh([m], rank_bounds=[5])
+    ((ref, _),) = batched_eigh([m], batched=False)
+    torch.testing.assert_close(lam, ref)
+    torch.testing.assert_close(q @ torch.diag(lam) @ q.T, m, atol=1e-9, rtol=0)
+
+
+def test_eigendecompose_uses_rank_bounds_without_changing_the_factors_it_describes():
+    """Factors from 3 examples of a 64/50-wide classifier: low rank, decomposed exactly."""
+    model = wide_net()
+    x, y = torch.randn(3, 3, 4, 4), torch.tensor([0, 2, 1])
+    factors = collect_kfac(model, loader_of(x, y), conv_mode="channel", dtype=torch.float64)
+    kfe = eigendecompose(factors, drop_bias=True)
+    for name, f in factors.items():
+        e = kfe[name]
+        for eig, m in ((e.A, f.A_no_bias), (e.S, f.S)):
+            scale = float(eig.lam.max())
+            torch.testing.assert_close(eig.Q.T @ eig.Q, torch.eye(len(m)), atol=1e-10, rtol=0)
+            torch.testing.assert_close(
+                eig.Q @ torch.diag(eig.lam) @ eig.Q.T, m, atol=1e-10 * scale, rtol=0
+            )
+    lam = kfe["8"].S.lam  # rank 3 of 50: a null space of exact zeros (and round-off)
+    assert (lam[:-11] == 0).all() and (lam[:-3] <= 1e-12 * lam.max()).all()

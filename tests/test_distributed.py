@@ -76,6 +76,7 @@ def as_tensors(out: dict) -> dict[str, torch.Tensor]:
             else:
                 flat[f"{key}.{name}.A"] = v.A
                 flat[f"{key}.{name}.S"] = v.S
+                flat[f"{key}.{name}.bounds"] = torch.tensor([v.a_rank_bound, v.s_rank_bound])
                 if "diag" in v.extra:
                     flat[f"{key}.{name}.diag"] = v.extra["diag"]
     return flat
@@ -134,6 +135,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     merged = ed_dist.all_reduce_factors(mine)
     for name, f in merged.items():
         results[f"merged.{name}.A"], results[f"merged.{name}.S"] = f.A, f.S
+        results[f"merged.{name}.bounds"] = torch.tensor([f.a_rank_bound, f.s_rank_bound])
     # DDP: two half batches per step == one process on the whole batch
     model, loader = ddp_problem()
     for p in model.parameters():  # different starting points: broadcast must fix them
@@ -201,6 +203,7 @@ def test_merging_per_rank_factors_equals_factors_of_all_data(two_ranks):
         for name, f in ref.items():
             torch.testing.assert_close(results[f"merged.{name}.A"], f.A)
             torch.testing.assert_close(results[f"merged.{name}.S"], f.S)
+            assert results[f"merged.{name}.bounds"].tolist() == [f.a_rank_bound, f.s_rank_bound]
 
 
 def test_errors_and_rank_zero_results_reach_every_rank(two_ranks):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -253,19 +253,19 @@ def all_reduce_factors(factors: dict[str, KFactors]) -> dict[str, KFactors]:
         if "diag" in f.extra:
             sums.append(f.extra["diag"] * f.num_examples)
     device = sums[0].device
+    fields = ("a_count", "num_examples", "a_rank_bound", "s_rank_bound")
     counts = torch.tensor(
-        [c for n in names for c in (factors[n].a_count, factors[n].num_examples)],
+        [getattr(factors[n], c) for n in names for c in fields],
         dtype=torch.float64,
         device=device,
     )
     all_reduce_sum_([*sums, counts])
     out, it = {}, iter(sums)
-    for k, n in enumerate(names):
-        f = factors[n]
-        a_count, num = int(counts[2 * k].item()), int(counts[2 * k + 1].item())
+    for n, summed in zip(names, counts.reshape(-1, len(fields)).long().tolist(), strict=True):
+        f, c = factors[n], dict(zip(fields, summed, strict=True))
         extra = dict(f.extra)
-        a, s = next(it) / a_count, next(it) / num
+        a, s = next(it) / c["a_count"], next(it) / c["num_examples"]
         if "diag" in f.extra:
-            extra["diag"] = next(it) / num
-        out[n] = KFactors(a, s, f.kind, f.has_bias, f.groups, num, extra, f.a_diagonal, a_count)
+            extra["diag"] = next(it) / c["num_examples"]
+        out[n] = replace(f, A=a, S=s, extra=extra, **c)
     return out

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, unknown_name
-from .eigen import batched_eigh
+from .eigen import batched_eigh, low_rank_bound
 from .factors import KFactors
 from .kfac import collect_kfac
 
@@ -311,6 +311,11 @@ def factor_matrices(factors: dict[str, KFactors]) -> list[torch.Tensor]:
     return [m for f in factors.values() for m in (f.A_no_bias, f.S)]
 
 
+def factor_rank_bounds(factors: dict[str, KFactors]) -> list[int]:
+    """The rank bounds of :func:`factor_matrices`, in the same order."""
+    return [b for f in factors.values() for b in (f.a_rank_bound, f.s_rank_bound)]
+
+
 def stacked_eigh(mats: Sequence[torch.Tensor], dtype: torch.dtype) -> list | None:
     """One ``torch.linalg.eigh`` per distinct size on the stacked matrices (what a GPU wants);
     None when LAPACK does not converge."""
@@ -341,9 +346,10 @@ def single_threaded(fn: Callable[[], list]) -> list:
         torch.set_num_threads(threads)
 
 
-def eigh_variants(mats: list[torch.Tensor]) -> dict[str, Callable[[], list]]:
+def eigh_variants(mats: list[torch.Tensor], bounds: list[int]) -> dict[str, Callable[[], list]]:
     """The reference first; "1 thread" separates what threading (and, on a shared machine,
-    contention on multi-threaded LAPACK) costs from what precision and scheduling gain."""
+    contention on multi-threaded LAPACK) costs from what precision and scheduling gain;
+    "rank bounds" is what ``eigendecompose`` does by default."""
     return {
         "sequential loop, fp64 (reference)": lambda: batched_eigh(mats, batched=False),
         "sequential loop, fp64, 1 thread": lambda: single_threaded(
@@ -352,8 +358,12 @@ def eigh_variants(mats: list[torch.Tensor]) -> dict[str, Callable[[], list]]:
         "stacked by size, fp64": lambda: stacked_eigh(mats, torch.float64),
         "stacked by size, fp32": lambda: stacked_eigh(mats, torch.float32),
         "workers, fp64": lambda: batched_eigh(mats, fp32_above=None),
-        "workers, fp32 above 1024 (default)": lambda: batched_eigh(mats, fp32_above=1024),
+        "workers, fp32 above 1024": lambda: batched_eigh(mats, fp32_above=1024),
         "workers, fp32": lambda: batched_eigh(mats, fp32_above=0),
+        "workers, fp32 above 1024, rank bounds (default)": lambda: batched_eigh(
+            mats, fp32_above=1024, rank_bounds=bounds
+        ),
+        "workers, fp32, rank bounds": lambda: batched_eigh(mats, fp32_above=0, rank_bounds=bounds),
     }
 
 
@@ -393,7 +403,8 @@ def bench_eigh(
     factors = collect_kfac(model, data, conv_mode=conv_mode)
     collect_s = time.perf_counter() - start
     mats = factor_matrices(factors)
-    variants = eigh_variants(mats)
+    bounds = factor_rank_bounds(factors)
+    variants = eigh_variants(mats, bounds)
     t = best_of(variants, repeats, device)
     ref = variants["sequential loop, fp64 (reference)"]()
     base = t["sequential loop, fp64 (reference)"]
@@ -413,9 +424,13 @@ def bench_eigh(
                 "max reconstruction error / max lam": f"{rec_err:.1e}",
             }
         )
+    if device == "cpu":
+        rows.append(_ideal_split_row(mats, repeats, base))
     sizes = sorted((m.shape[-1] for m in mats), reverse=True)
+    low = [m.shape[-1] for m, b in zip(mats, bounds, strict=True) if low_rank_bound(m, b)]
     info = {
         "factors": len(mats),
+        "low-rank (side)": sorted(low, reverse=True),
         "largest sides": sizes[:8],
         "sum d^3 (G)": round(sum(d**3 for d in sizes) / 1e9, 2),
         "collection s": round(collect_s, 1),
@@ -424,6 +439,34 @@ def bench_eigh(
         del factors, mats, variants, ref
         info["fp32 factor error / max lam"] = f"{_accumulation_error(model, data, conv_mode):.1e}"
     return rows, info
+
+
+def _ideal_split_row(mats: list[torch.Tensor], repeats: int, base: float) -> dict:
+    """What no schedule of exact float32 LAPACK calls can beat on this CPU: every factor's
+    single-threaded float32 ``eigh`` timed alone (best of ``repeats``), summed, and divided
+    by the cores as if they split it perfectly with no memory contention.
+
+    Why: it separates what scheduling could still gain from what only a different algorithm
+    (a cheaper tridiagonal reduction, or truncated bases) could.
+    """
+    cores = os.cpu_count() or 1
+    seconds = []
+    for m in mats:
+        one = m.reshape(-1, *m.shape[-2:]).float()
+        call = lambda one=one: single_threaded(lambda: torch.linalg.eigh(one))  # noqa: E731
+        seconds.append(min(_timed(call) for _ in range(repeats)))
+    ideal = max(sum(seconds) / cores, max(seconds))
+    return {
+        "variant": f"bound: 1-thread fp32 calls split perfectly over {cores} cores (not a run)",
+        "seconds": f"{ideal:.2f}",
+        "speed-up": f"{base / ideal:.2f}x",
+    }
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _accumulation_error(model: nn.Module, data: list, conv_mode: str) -> float:

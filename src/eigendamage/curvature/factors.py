@@ -48,6 +48,10 @@ class KFactors:
     extra: dict = field(default_factory=dict)
     a_diagonal: bool = False
     a_count: int = 0  # rows behind A (examples x locations [x offsets]); weights a merge
+    # Vectors summed into A / S (0: unknown): each factor's rank is at most this, which
+    # lets eigendecompose treat factors from fewer rows than their side as low rank.
+    a_rank_bound: int = 0
+    s_rank_bound: int = 0
 
     @property
     def A_no_bias(self) -> torch.Tensor:

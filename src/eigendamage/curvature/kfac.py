@@ -106,6 +106,7 @@ class _Accumulator:
         self.S: torch.Tensor | None = None
         self.diag: torch.Tensor | None = None
         self.a_count = 0
+        self.a_rows = self.s_rows = 0  # vectors summed: rank bounds
 
     @property
     def a_diagonal(self) -> bool:
@@ -118,6 +119,7 @@ class _Accumulator:
         grad = call.grad_output.to(self.dtype)
         conv = isinstance(self.module, nn.Conv2d)
         self.S = _add(self.S, output_gram(grad, self.groups, conv))
+        self.s_rows += grad.numel() // grad.shape[1 if conv and grad.dim() == 4 else -1]
         x = call.inputs.to(self.dtype)
         if self.want_diag:
             g, a = grad_rows(grad, self.groups, conv), input_rows(self.module, x)
@@ -132,6 +134,7 @@ class _Accumulator:
             m, count = input_gram(self.module, x)
         self.A = _add(self.A, m)
         self.a_count += count
+        self.a_rows += _input_vectors(self.module, self.kind, x, call.grad_output)
 
     def sums(self, device: torch.device) -> list[torch.Tensor]:
         """The running sums (zeros where this process saw no data), for an all-reduce."""
@@ -163,7 +166,20 @@ class _Accumulator:
             extra=extra,
             a_diagonal=self.a_diagonal,
             a_count=self.a_count,
+            a_rank_bound=self.a_rows,
+            s_rank_bound=self.s_rows,
         )
+
+
+def _input_vectors(module: nn.Module, kind: str, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """How many vectors one call adds to ``A``'s sum (per group), a bound on its rank:
+    input rows for Linear, pixels for channel mode (padding only repeats pixels or adds
+    zeros), output locations for patch mode."""
+    if kind == "linear":
+        return x.numel() // x.shape[-1]
+    if kind == "conv_channel":
+        return x.shape[0] * x.shape[-2] * x.shape[-1]
+    return grad.shape[0] * grad.shape[-2] * grad.shape[-1]
 
 
 def diagonal_second_moment(
@@ -305,12 +321,14 @@ def _all_reduce_accumulators(
     """Sum every rank's running sums and counts in place; returns the global example count."""
     dev = torch.device(device) if device is not None else model_device(model)
     tensors = [t for acc in accs.values() for t in acc.sums(dev)]
+    per_layer = [(acc.a_count, acc.a_rows, acc.s_rows) for acc in accs.values()]
     counts = torch.tensor(
-        [num_examples, *(acc.a_count for acc in accs.values())], dtype=torch.float64, device=dev
+        [num_examples, *(c for row in per_layer for c in row)], dtype=torch.float64, device=dev
     )
     all_reduce_sum_([*tensors, counts])
-    for acc, c in zip(accs.values(), counts[1:].tolist(), strict=True):
-        acc.a_count = int(c)
+    summed = counts[1:].reshape(-1, 3).long().tolist()
+    for acc, (a_count, a_rows, s_rows) in zip(accs.values(), summed, strict=True):
+        acc.a_count, acc.a_rows, acc.s_rows = a_count, a_rows, s_rows
     return int(counts[0].item())
 
 

@@ -116,7 +116,8 @@ def _layer_kfe(name: str, f: KFactors, asked: float, drop_bias: bool) -> KFE:
             source, after = plain, damping
         else:  # escalated: damp the matrices before eigh, where it helps convergence
             a, s = _shifted(plain.A, damping, a_diagonal), _shifted(f.S, damping, False)
-            source, after = replace(plain, A=a, S=s), 0.0
+            # the shift makes both factors full rank: their row counts no longer bound it
+            source, after = replace(plain, A=a, S=s, a_rank_bound=0, s_rank_bound=0), 0.0
         try:
             kfe = eigendecompose({name: source}, damping=after, batched=False)[name]
         except (CurvatureError, torch.linalg.LinAlgError) as exc:

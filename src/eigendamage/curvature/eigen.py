@@ -131,10 +131,12 @@ def batched_eigh(
         return torch.float32 if low else dtype
 
     results: list[EighResult | None] = [None] * len(mats)
-    cpu = [i for i, m in enumerate(mats) if m.device.type == "cpu" or bounds[i]]
+    # one call each: every CPU matrix (worker threads) and every low-rank one (own path)
+    single = [i for i, m in enumerate(mats) if m.device.type == "cpu" or bounds[i]]
+    singles = set(single)
     by_size: dict[tuple, list[int]] = defaultdict(list)
     for i, m in enumerate(mats):
-        if i not in cpu:
+        if i not in singles:
             by_size[(m.shape[-1], m.device)].append(i)
     for (d, _), idx in by_size.items():
         stack = torch.cat([mats[i].reshape(-1, d, d) for i in idx])
@@ -155,7 +157,7 @@ def batched_eigh(
         return mats[i].numel() * (bounds[i] or mats[i].shape[-1])
 
     workers = workers or torch.get_num_threads()
-    order = sorted(cpu, key=lambda i: -cost(i))  # largest first
+    order = sorted(single, key=lambda i: -cost(i))  # largest first
     if workers <= 1 or len(order) <= 1:
         for i in order:
             results[i] = one(i)

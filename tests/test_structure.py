@@ -211,3 +211,12 @@ def test_apply_weight_update_adds_to_weight_and_bias() -> None:
     torch.testing.assert_close(model.left.bias, ref.left.bias + delta[:, 6])
     with pytest.raises(ModelError, match="does not fit"):
         apply_weight_update_(model, {"left": torch.randn(4, 3)})
+
+
+def test_a_graph_torch_pruning_cannot_follow_is_a_model_error() -> None:
+    """ShuffleNet's channel shuffle makes torch-pruning divide by zero: one clear error."""
+    from torchvision.models import shufflenet_v2_x0_5
+
+    model = shufflenet_v2_x0_5(num_classes=10).eval()
+    with pytest.raises(ModelError, match="ShuffleNetV2.*method='eigendamage'"):
+        ChannelGroups.build(model, torch.randn(1, 3, 32, 32))

@@ -109,7 +109,16 @@ class ChannelGroups:
                     output_transform=logits_of,
                     verbose=False,
                 )
-            except (RuntimeError, TypeError, AttributeError, ValueError, IndexError) as exc:
+            # what torch-pruning raises on graphs it cannot follow (e.g. ShuffleNet's
+            # channel shuffle: ZeroDivisionError, Swin: TypeError)
+            except (
+                RuntimeError,
+                TypeError,
+                AttributeError,
+                ValueError,
+                IndexError,
+                ArithmeticError,
+            ) as exc:
                 raise ModelError(
                     f"cannot trace the channel dependencies of {type(model).__name__} "
                     f"(torch-pruning: {type(exc).__name__}: {exc}); prune it with "

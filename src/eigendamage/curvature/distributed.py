@@ -111,13 +111,16 @@ def distributed_eigh(
     decompose: Callable[[list[torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]],
     rank: int,
     world: int,
+    costs: Sequence[float] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``decompose`` each rank's share of ``mats`` (by ``d^3`` cost) and share all results.
+    """``decompose`` each rank's share of ``mats`` (by ``costs``, default ``d^3`` each) and
+    share all results.
 
     Returns ``(lam, Q)`` per matrix, like ``decompose``; results have the input's dtype and
     device on every rank.
     """
-    costs = [m.reshape(-1, m.shape[-1], m.shape[-1]).shape[0] * m.shape[-1] ** 3 for m in mats]
+    if costs is None:
+        costs = [m.numel() * m.shape[-1] for m in mats]
     owners = assign_by_cost(costs, world)
     mine = [i for i, o in enumerate(owners) if o == rank]
     results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mats)

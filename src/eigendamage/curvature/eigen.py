@@ -233,7 +233,12 @@ def eigendecompose(
         )
 
     info = group_info(distributed)
-    decomposed = decompose(mats) if info is None else distributed_eigh(mats, decompose, *info)
+    if info is None:
+        decomposed = decompose(mats)
+    else:  # d^2 k for a low-rank factor, d^3 otherwise
+        pairs = zip(mats, bounds, strict=True)
+        costs = [m.numel() * (low_rank_bound(m, b) or m.shape[-1]) for m, b in pairs]
+        decomposed = distributed_eigh(mats, decompose, *info, costs=costs)
     results = [decomposed[s] if isinstance(s, int) else s for s in slots]
     out: dict[str, KFE] = {}
     for k, n in enumerate(names):

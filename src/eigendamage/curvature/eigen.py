@@ -8,14 +8,15 @@ Cost is ``O(d^3)`` per factor and dominated by the few largest ones, so the poli
   (backward error of the same order) loses little that float64 could recover from it, at a
   fraction of the cost (accuracy and speed: ``benchmarks/eigh_bench.py``); a float32
   ``eigh`` that does not converge is redone in float64.
-* **rank**: a factor summed from fewer vectors than its side (``KFactors.*low_rank_bound``:
-  few examples, small feature maps, a classifier on one batch) has at most that rank.  Its
-  range is found exactly by a seeded Gaussian sketch of ``bound + 8`` columns, the
-  eigenpairs by an ``eigh`` of the projected ``k x k`` matrix, and the null space by a
-  complete QR, all ``O(d^2 k)`` instead of ``O(d^3)``.  The result is checked (residual
-  ``||M - Q diag(lam) Q^T||`` within ``1000 eps`` of ``max lam``) and recomputed by a full
-  ``eigh`` if it is not.  The null-space eigenvalues are exact zeros where a full ``eigh``
-  returns round-off, so the two agree to the working precision.
+* **rank**: a factor summed from fewer vectors than its side (few examples, small feature
+  maps, a classifier on one batch) has at most that rank (``KFactors.a_rank_bound``,
+  ``s_rank_bound``).  Its range is found exactly by a seeded Gaussian sketch of
+  ``k = bound + 8`` columns, the eigenpairs by an ``eigh`` of the projected ``k x k``
+  matrix, and the null space by a complete QR: ``O(d^2 k)`` instead of ``O(d^3)``.  The
+  result is checked (residual ``||M - Q diag(lam) Q^T||`` within ``1000 eps`` of
+  ``max lam``) and recomputed by a full ``eigh`` if it is not.  The null-space eigenvalues
+  are exact zeros where a full ``eigh`` returns round-off; the two agree to the working
+  precision.
 * **scheduling**: on CUDA, factors of equal size are stacked into one batched
   ``torch.linalg.eigh`` call (few kernel launches).  On CPU a batched call is only a loop
   over LAPACK, whose tridiagonal reduction is memory-bound and scales poorly with threads;

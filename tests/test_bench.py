@@ -40,11 +40,9 @@ def test_bench_eigh_compares_against_the_sequential_float64_loop():
     header, *rows = table_rows(out)
     ref = rows[0]
     assert ref[0].startswith("sequential loop") and ref[header.index("speed-up")] == "1.00x"
-    *runs, bound = rows
-    errors = [float(r[header.index("max eigenvalue error / max lam")]) for r in runs]
+    errors = [float(r[header.index("max eigenvalue error / max lam")]) for r in rows]
     assert errors[0] == 0.0 and max(errors) < 1e-4  # fp32 variants within fp32 accuracy
-    assert bound[0].startswith("bound: 1-thread fp32") and "not a run" in bound[0]
-    assert float(bound[header.index("speed-up")][:-1]) > 0
+    assert any("rank bounds (default)" in r[0] for r in rows)
 
 
 def test_bench_prune_step_reports_every_stage():

@@ -424,8 +424,6 @@ def bench_eigh(
                 "max reconstruction error / max lam": f"{rec_err:.1e}",
             }
         )
-    if device == "cpu":
-        rows.append(_ideal_split_row(mats, repeats, base))
     sizes = sorted((m.shape[-1] for m in mats), reverse=True)
     low = [m.shape[-1] for m, b in zip(mats, bounds, strict=True) if low_rank_bound(m, b)]
     info = {
@@ -439,34 +437,6 @@ def bench_eigh(
         del factors, mats, variants, ref
         info["fp32 factor error / max lam"] = f"{_accumulation_error(model, data, conv_mode):.1e}"
     return rows, info
-
-
-def _ideal_split_row(mats: list[torch.Tensor], repeats: int, base: float) -> dict:
-    """What no schedule of exact float32 LAPACK calls can beat on this CPU: every factor's
-    single-threaded float32 ``eigh`` timed alone (best of ``repeats``), summed, and divided
-    by the cores as if they split it perfectly with no memory contention.
-
-    Why: it separates what scheduling could still gain from what only a different algorithm
-    (a cheaper tridiagonal reduction, or truncated bases) could.
-    """
-    cores = os.cpu_count() or 1
-    seconds = []
-    for m in mats:
-        one = m.reshape(-1, *m.shape[-2:]).float()
-        call = lambda one=one: single_threaded(lambda: torch.linalg.eigh(one))  # noqa: E731
-        seconds.append(min(_timed(call) for _ in range(repeats)))
-    ideal = max(sum(seconds) / cores, max(seconds))
-    return {
-        "variant": f"bound: 1-thread fp32 calls split perfectly over {cores} cores (not a run)",
-        "seconds": f"{ideal:.2f}",
-        "speed-up": f"{base / ideal:.2f}x",
-    }
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _accumulation_error(model: nn.Module, data: list, conv_mode: str) -> float:

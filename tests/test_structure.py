@@ -220,3 +220,13 @@ def test_a_graph_torch_pruning_cannot_follow_is_a_model_error() -> None:
     model = shufflenet_v2_x0_5(num_classes=10).eval()
     with pytest.raises(ModelError, match="ShuffleNetV2.*method='eigendamage'"):
         ChannelGroups.build(model, torch.randn(1, 3, 32, 32))
+
+
+def test_channel_counts_torch_pruning_cannot_infer_are_a_model_error_not_a_memory_blowup() -> None:
+    """torchvision Swin-T: torch-pruning gives up inferring a reshape's channels and would
+    then expand indices until memory runs out; the warning it gives is turned into an error."""
+    from torchvision.models import swin_t
+
+    model = swin_t(num_classes=10).eval()
+    with pytest.raises(ModelError, match="SwinTransformer.*could not infer the channel counts"):
+        ChannelGroups.build(model, torch.randn(1, 3, 64, 64))

@@ -29,6 +29,7 @@ Where torch-pruning falls short, and what is done about it:
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,43 @@ class ChannelGroup:
         )
 
 
+# What torch-pruning raises on graphs it cannot follow (e.g. ShuffleNet's channel shuffle:
+# ZeroDivisionError, Swin: TypeError).
+_TRACE_ERRORS = (RuntimeError, TypeError, AttributeError, ValueError, IndexError, ArithmeticError)
+# Warned when its channel-count inference gives up (torchvision Swin-T, Swin V2): the groups
+# built on the guessed counts then expand indices without bound until memory runs out.
+_GAVE_UP = "Maximum recursive depth reached"
+
+
+def _dependency_graph(traced: nn.Module, example_inputs: Any, model_name: str) -> Any:
+    """torch-pruning's dependency graph of ``traced``, or a :class:`ModelError` that says
+    why it cannot be had and what to use instead."""
+
+    def refuse(why: str) -> ModelError:
+        return ModelError(
+            f"cannot trace the channel dependencies of {model_name} (torch-pruning: {why}); "
+            "prune it with method='eigendamage', which needs no dependency graph"
+        )
+
+    with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dg = tp.DependencyGraph().build_dependency(
+                traced,
+                example_inputs=example_inputs,
+                forward_fn=_trace_forward,
+                output_transform=logits_of,
+                verbose=False,
+            )
+        except _TRACE_ERRORS as exc:
+            raise refuse(f"{type(exc).__name__}: {exc}") from exc
+    for w in caught:
+        if _GAVE_UP in str(w.message):
+            raise refuse("it could not infer the channel counts of a reshape")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return dg
+
+
 @dataclass
 class ChannelGroups:
     """All prunable coupled channel groups of a model (see the module docstring)."""
@@ -100,30 +138,7 @@ class ChannelGroups:
         traced = copy.deepcopy(model)
         for p in traced.parameters():
             p.requires_grad_(True)
-        with torch.enable_grad():
-            try:
-                dg = tp.DependencyGraph().build_dependency(
-                    traced,
-                    example_inputs=example_inputs,
-                    forward_fn=_trace_forward,
-                    output_transform=logits_of,
-                    verbose=False,
-                )
-            # what torch-pruning raises on graphs it cannot follow (e.g. ShuffleNet's
-            # channel shuffle: ZeroDivisionError, Swin: TypeError)
-            except (
-                RuntimeError,
-                TypeError,
-                AttributeError,
-                ValueError,
-                IndexError,
-                ArithmeticError,
-            ) as exc:
-                raise ModelError(
-                    f"cannot trace the channel dependencies of {type(model).__name__} "
-                    f"(torch-pruning: {type(exc).__name__}: {exc}); prune it with "
-                    "method='eigendamage', which needs no dependency graph"
-                ) from exc
+        dg = _dependency_graph(traced, example_inputs, type(model).__name__)
         by_name = dict(traced.named_modules())
         names = {m: n for n, m in by_name.items()}
         extra = tuple(ignored_layers or ())

@@ -82,6 +82,7 @@ def eigh_cmd(
     workload: str = typer.Option("resnet50-224", "--workload", "-w"),
     conv_mode: str = typer.Option("channel", help="channel (EigenDamage) | patch"),
     batches: int = typer.Option(1, help="batches for the factors"),
+    batch_size: int = typer.Option(0, help="examples per batch (0: the workload's own)"),
     repeats: int = typer.Option(2),
     device: str = typer.Option("cpu"),
     calibrate: bool = typer.Option(False, help="also the fp32 factors' own error vs fp64 sums"),
@@ -90,7 +91,9 @@ def eigh_cmd(
     """Eigendecomposition of all factors: sequential fp64 loop vs stacked/threaded, fp32."""
     from .curvature.bench import bench_eigh, markdown
 
-    _header(device, f"{conv_mode}-mode factors of {workload} from {batches} batch(es)", threads)
+    size = f" of {batch_size}" if batch_size else ""
+    settings = f"{conv_mode}-mode factors of {workload} from {batches} batch(es){size}"
+    _header(device, settings, threads)
     rows, info = bench_eigh(
         workload,
         conv_mode=conv_mode,
@@ -98,6 +101,7 @@ def eigh_cmd(
         repeats=repeats,
         device=device,
         calibrate=calibrate,
+        batch_size=batch_size or None,
     )
     typer.echo(f"# {info}")
     typer.echo(markdown(rows))

@@ -390,6 +390,7 @@ def bench_eigh(
     repeats: int = 2,
     device: str = "cpu",
     calibrate: bool = False,
+    batch_size: int | None = None,
 ) -> tuple[list[dict], dict]:
     """All factors of one network (from ``batches`` synthetic batches), decomposed by each
     variant; seconds, speed-up over the sequential float64 loop, and accuracy against it.
@@ -397,7 +398,7 @@ def bench_eigh(
     ``calibrate`` also reports how far float32 factors are from float64-accumulated ones
     (on the first 16 examples, to bound memory): the error factors carry before any eigh.
     """
-    model, w = build(key, device)
+    model, w = build(key, device, batch_size)
     data = synthetic_batches(w, batches, device)
     start = time.perf_counter()
     factors = collect_kfac(model, data, conv_mode=conv_mode)

@@ -361,3 +361,22 @@ def test_prune_round_adapter_for_the_pruning_loop(wide) -> None:
     assert info.ratio == pytest.approx(0.5, abs=0.01) and "fc" not in info.detail["masks"]
     with pytest.raises(ConfigError, match="weight-level"):
         prune_round(model, loader, method="obs", ratio=None, target=("params", 1e3), **common)
+
+
+def test_layers_with_factors_too_wide_to_invert_are_left_unscored(monkeypatch) -> None:
+    """K-FAC criteria invert dense float64 factors: a layer wider than ``MAX_SIDE`` (VGG's
+    25088-input Linear) is kept whole instead of exhausting memory."""
+    import eigendamage.channel_pruner as cp
+
+    monkeypatch.setattr(cp, "MAX_SIDE", 100)  # "right": 12 x 3 x 3 + bias = 109 > 100
+    torch.manual_seed(0)
+    model = _bn_stats(ComboNet())
+    gen = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen))]
+    pruned, info = channel_prune(model, loader, method="kron-obs", ratio=0.3, example_inputs=X)
+    assert "right" not in info["scores"] and "left" in info["scores"]
+    masked = mask_channels(model, ChannelGroups.build(model, X), info["keep"]).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.isfinite(pruned.eval()(x)).all()
+        assert pruned(x).shape == masked(x).shape

@@ -22,9 +22,11 @@ from torch import nn
 
 from .criteria import ScoreContext, get_criterion
 from .criteria.base import GlobalRanking
+from .criteria.eigendamage import MAX_SIDE
 from .criteria.weight_level import WEIGHT_METHODS, weight_prune
 from .curvature.factors import KFactors
 from .curvature.hooks import is_plain_layer
+from .curvature.kfac import factor_sides
 from .errors import ConfigError, ModelError
 from .measure import count
 from .structure import ChannelGroups, prune_channels
@@ -32,6 +34,15 @@ from .surgery.channels import apply_weight_update_
 
 if TYPE_CHECKING:
     from .pruner import RoundInfo
+
+
+def _curvature_fits(module: nn.Module) -> bool:
+    """A plain layer whose patch-mode factors stay within ``MAX_SIDE``.  Why: the K-FAC
+    criteria invert dense float64 factors; VGG's 25088-input Linear would need ~15 GB."""
+    if not is_plain_layer(module):
+        return False
+    kind = "linear" if isinstance(module, nn.Linear) else "conv_patch"
+    return max(factor_sides(module, kind)[1:]) <= MAX_SIDE
 
 
 def channel_prune(
@@ -77,8 +88,8 @@ def channel_prune(
     if not len(groups):
         raise ModelError(f"{type(model).__name__} has no prunable channel groups")
     layers = groups.root_layers()
-    if "kfac" in criterion.needs:  # curvature exists for plain layers only (unscored: kept)
-        layers = [n for n in layers if is_plain_layer(model.get_submodule(n))]
+    if "kfac" in criterion.needs:  # curvature for plain layers it can hold (unscored: kept)
+        layers = [n for n in layers if _curvature_fits(model.get_submodule(n))]
     ctx = ScoreContext(
         layers=layers,
         norm_layers=groups.norm_layers(),

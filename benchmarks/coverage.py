@@ -658,6 +658,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             for method in CHANNEL_METHODS:
                 if "error" in row.get(method, {}):
                     failures.append(f"* `{row['model']}` {method}: {row[method]['error']}")
+            if ok and ("crash" in row or "timeout" in row):  # after the EigenDamage checks
+                stopped = row.get("crash") or f"timeout after {row['timeout']:.0f} s"
+                failures.append(f"* `{row['model']}` channel methods: {stopped}")
             for reason in row.get("skipped", {}):
                 skips.setdefault(reason, set()).add(name)
             rp = row.get("reparam", {})

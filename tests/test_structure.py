@@ -230,3 +230,13 @@ def test_channel_counts_torch_pruning_cannot_infer_are_a_model_error_not_a_memor
     model = swin_t(num_classes=10).eval()
     with pytest.raises(ModelError, match="SwinTransformer.*could not infer the channel counts"):
         ChannelGroups.build(model, torch.randn(1, 3, 64, 64))
+
+
+def test_runaway_index_expansion_is_a_model_error_not_a_memory_blowup() -> None:
+    """torchvision Swin V2: torch-pruning's flatten mapping multiplies channel indices
+    through the window reshapes until the OOM killer; the expansion is capped."""
+    from torchvision.models import swin_v2_t
+
+    model = swin_v2_t(num_classes=10).eval()
+    with pytest.raises(ModelError, match="SwinTransformer.*grew past"):
+        ChannelGroups.build(model, torch.randn(1, 3, 64, 64))

@@ -28,6 +28,7 @@ Where torch-pruning falls short, and what is done about it:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -83,6 +84,35 @@ _TRACE_ERRORS = (RuntimeError, TypeError, AttributeError, ValueError, IndexError
 # Warned when its channel-count inference gives up (torchvision Swin-T, Swin V2): the groups
 # built on the guessed counts then expand indices without bound until memory runs out.
 _GAVE_UP = "Maximum recursive depth reached"
+
+
+@contextlib.contextmanager
+def _bounded_index_expansion(limit: int, model_name: str) -> Iterator[None]:
+    """Make torch-pruning's flatten index mapping refuse to grow past ``limit`` indices.
+
+    Why: through torchvision Swin V2's window reshapes it expands channel indices again and
+    again (x32 each time) until the OOM killer ends the process without a message.  The
+    patch lives only inside this block.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    mapping = index_mapping._FlattenIndexMapping
+    original = mapping.__call__
+
+    def bounded(self: Any, idxs: Any) -> Any:
+        if not self.reverse and len(idxs) * self._stride > limit:  # check before expanding
+            raise ModelError(
+                f"cannot trace the channel dependencies of {model_name} (torch-pruning: its "
+                f"channel indices grew past {limit:,} through a reshape); prune it with "
+                "method='eigendamage', which needs no dependency graph"
+            )
+        return original(self, idxs)
+
+    mapping.__call__ = bounded
+    try:
+        yield
+    finally:
+        mapping.__call__ = original
 
 
 def _dependency_graph(traced: nn.Module, example_inputs: Any, model_name: str) -> Any:
@@ -153,10 +183,15 @@ class ChannelGroups:
         # them through rotary embeddings can take torch-pruning combinatorially long.
         not_roots = list(ignored) + [n for n, dim in protected if dim == "out"]
         groups, skipped = [], {}
-        for g in dg.get_all_groups(
-            ignored_layers=[by_name[n] for n in dict.fromkeys(not_roots)],
-            root_module_types=_ROOT_TYPES,
-        ):
+        limit = max(p.numel() for p in traced.parameters())  # no real index set is larger
+        with _bounded_index_expansion(limit, type(model).__name__):
+            all_groups = list(
+                dg.get_all_groups(
+                    ignored_layers=[by_name[n] for n in dict.fromkeys(not_roots)],
+                    root_module_types=_ROOT_TYPES,
+                )
+            )
+        for g in all_groups:
             group, reason = _convert(dg, g, names)
             hit = next((m for m in group.members if (m.module, m.dim) in protected), None)
             if hit is not None and not reason:

@@ -610,7 +610,11 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "refuses 64x64: ViT, MaxViT, Inception v3 use 224/299; 32 tokens for transformers), "
         f"one Fisher batch, pruning ratio {RATIO} (EigenDamage: fraction of eigen-directions; "
         "channel methods: fraction of channels). FLOPs are counted at that input size. Each "
-        "model runs in its own process under a wall-clock limit.",
+        "model runs in its own process under a wall-clock limit. Rows were measured over "
+        "several commits (rerun one with `--rerun --only NAME`): the removed fractions of rows "
+        "measured before the rank-aware eigendecomposition can differ, because factors from "
+        "a batch of 2 are rank-deficient and the exact null-space eigenvalues it returns "
+        "rank near-null directions differently; the exactness checks do not depend on it.",
         "",
         "* **EigenDamage ok** = `run_pruning(method='eigendamage')` succeeded, `to_eigenbasis` "
         "is exact -- in float64, with the eigenvectors re-orthonormalised, outputs agree to "

@@ -176,7 +176,6 @@ def apply_plan(model: nn.Module, rotated: dict[str, Factored], plan: EigenDamage
 
 
 MAX_SIDE = 8192
-# Subclasses of nn.Linear/nn.Conv2d whose own forward computes exactly the plain layer.
 
 
 def eigendamage_targets(

@@ -102,6 +102,11 @@ def low_rank_bound(m: torch.Tensor, bound: int | None) -> int | None:
     return bound if useful else None
 
 
+def eigh_cost(m: torch.Tensor, bound: int | None = None) -> int:
+    """Work of decomposing ``m``: ``d^3`` per matrix, ``d^2 k`` on the low-rank path."""
+    return m.numel() * (low_rank_bound(m, bound) or m.shape[-1])
+
+
 def batched_eigh(
     mats: Sequence[torch.Tensor],
     dtype: torch.dtype = torch.float64,
@@ -154,11 +159,8 @@ def batched_eigh(
         low = _low_rank_eigh(stack, bounds[i], precision(m)) if bounds[i] else None
         return _finish(m, *(low or _eigh(stack, precision(m), dtype)))
 
-    def cost(i: int) -> int:
-        return mats[i].numel() * (bounds[i] or mats[i].shape[-1])
-
     workers = workers or torch.get_num_threads()
-    order = sorted(single, key=lambda i: -cost(i))  # largest first
+    order = sorted(single, key=lambda i: -eigh_cost(mats[i], bounds[i]))  # largest first
     if workers <= 1 or len(order) <= 1:
         for i in order:
             results[i] = one(i)
@@ -236,9 +238,8 @@ def eigendecompose(
     info = group_info(distributed)
     if info is None:
         decomposed = decompose(mats)
-    else:  # d^2 k for a low-rank factor, d^3 otherwise
-        pairs = zip(mats, bounds, strict=True)
-        costs = [m.numel() * (low_rank_bound(m, b) or m.shape[-1]) for m, b in pairs]
+    else:
+        costs = [eigh_cost(m, b) for m, b in zip(mats, bounds, strict=True)]
         decomposed = distributed_eigh(mats, decompose, *info, costs=costs)
     results = [decomposed[s] if isinstance(s, int) else s for s in slots]
     out: dict[str, KFE] = {}

@@ -86,6 +86,13 @@ _TRACE_ERRORS = (RuntimeError, TypeError, AttributeError, ValueError, IndexError
 _GAVE_UP = "Maximum recursive depth reached"
 
 
+def _untraceable(model_name: str, why: str) -> ModelError:
+    return ModelError(
+        f"cannot trace the channel dependencies of {model_name} (torch-pruning: {why}); "
+        "prune it with method='eigendamage', which needs no dependency graph"
+    )
+
+
 @contextlib.contextmanager
 def _bounded_index_expansion(limit: int, model_name: str) -> Iterator[None]:
     """Make torch-pruning's flatten index mapping refuse to grow past ``limit`` indices.
@@ -101,11 +108,8 @@ def _bounded_index_expansion(limit: int, model_name: str) -> Iterator[None]:
 
     def bounded(self: Any, idxs: Any) -> Any:
         if not self.reverse and len(idxs) * self._stride > limit:  # check before expanding
-            raise ModelError(
-                f"cannot trace the channel dependencies of {model_name} (torch-pruning: its "
-                f"channel indices grew past {limit:,} through a reshape); prune it with "
-                "method='eigendamage', which needs no dependency graph"
-            )
+            why = f"its channel indices grew past {limit:,} through a reshape"
+            raise _untraceable(model_name, why)
         return original(self, idxs)
 
     mapping.__call__ = bounded
@@ -118,13 +122,6 @@ def _bounded_index_expansion(limit: int, model_name: str) -> Iterator[None]:
 def _dependency_graph(traced: nn.Module, example_inputs: Any, model_name: str) -> Any:
     """torch-pruning's dependency graph of ``traced``, or a :class:`ModelError` that says
     why it cannot be had and what to use instead."""
-
-    def refuse(why: str) -> ModelError:
-        return ModelError(
-            f"cannot trace the channel dependencies of {model_name} (torch-pruning: {why}); "
-            "prune it with method='eigendamage', which needs no dependency graph"
-        )
-
     with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -136,10 +133,10 @@ def _dependency_graph(traced: nn.Module, example_inputs: Any, model_name: str) -
                 verbose=False,
             )
         except _TRACE_ERRORS as exc:
-            raise refuse(f"{type(exc).__name__}: {exc}") from exc
+            raise _untraceable(model_name, f"{type(exc).__name__}: {exc}") from exc
     for w in caught:
         if _GAVE_UP in str(w.message):
-            raise refuse("it could not infer the channel counts of a reshape")
+            raise _untraceable(model_name, "it could not infer the channel counts of a reshape")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return dg
 

@@ -8,6 +8,8 @@ transform), so splitting, augmentation and seeding behave identically for in-mem
 from __future__ import annotations
 
 import os
+import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,11 +97,23 @@ class FileSource:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """Read one image file as uint8 RGB (3, H, W); a bad file becomes a DataError naming it."""
+    """Read one image file as uint8 RGB (3, H, W); a bad file becomes a DataError naming it.
+
+    Pillow only warns about an image of one to two times ``Image.MAX_IMAGE_PIXELS`` (and
+    refuses bigger ones); both are refused here, so a small file cannot claim an image that
+    takes gigabytes to decode, and no warning text lands on stderr.
+    """
     try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")  # forces a full decode, so truncation shows up here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")  # forces a full decode, so truncation shows up here
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(
+            f"cannot read image file {path}: {exc} Replace the file, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the image is genuine."
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise DataError(
             f"cannot read image file {path}: {exc}. Replace or delete the file."
         ) from None
@@ -215,13 +229,36 @@ def stratified_partition(
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, following links), sorted for determinism."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            Path(dirpath) / name
-            for name in filenames
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+    """Image files under ``folder`` (recursively, following links), sorted for determinism.
+
+    A directory that is its own ancestor (a symlink loop) is not entered again, so the scan
+    ends; FIFOs and devices are skipped, since opening one would block or never end.  A
+    broken link is kept, so reading it later fails with a message naming it.
+    """
+    found: list[Path] = []
+    stack: list[tuple[str, frozenset[tuple[int, int]]]] = [(os.fspath(folder), frozenset())]
+    while stack:
+        current, ancestors = stack.pop()
+        try:
+            info = os.stat(current)
+            key = (info.st_dev, info.st_ino)
+            if key in ancestors:
+                continue
+            with os.scandir(current) as scan:
+                entries = list(scan)
+        except OSError:  # unreadable folders are skipped, as os.walk does
+            continue
+        inside = ancestors | {key}
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    stack.append((entry.path, inside))
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and (
+                    entry.is_file() or not os.path.exists(entry.path)
+                ):
+                    found.append(Path(entry.path))
+            except OSError:
+                continue
     return sorted(found)

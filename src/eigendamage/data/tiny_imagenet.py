@@ -34,6 +34,8 @@ from .transforms import (
 
 FOLDER = "tiny-imagenet-200"
 SIZE = (64, 64)
+#: Largest text file read (the official words.txt, the biggest, is 2.6 MB).
+MAX_TEXT_BYTES = 64 * 2**20
 
 
 def _find(root: Path) -> Path:
@@ -50,21 +52,75 @@ def _find(root: Path) -> Path:
     )
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """Text from a file, fit for a one-line message: as is if short and printable, else a
+    clipped repr (a 100 MB line or a terminal escape must not reach the terminal)."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    return _quoted(text, limit)
+
+
+def _quoted(text: str, limit: int = 80) -> str:
+    """``repr`` of text from a file, clipped to ``limit`` characters."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def _read_text(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, refusing oversized files before reading them."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+        size = path.stat().st_size
+        if size > MAX_TEXT_BYTES:
+            raise DataError(
+                f"{path} is {size} bytes, more than a Tiny-ImageNet text file can be "
+                f"({MAX_TEXT_BYTES} bytes at most); it is not the official file."
+            )
+        with path.open("rb") as stream:
+            raw = stream.read(size + 1)  # read(n) allocates n bytes up front
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}.") from None
+    if len(raw) > size:
+        raise DataError(f"{path} grew while it was read; read it again when it is complete.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}). Download the dataset again."
+        ) from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _check_wnid(wnid: str, path: Path, number: int) -> None:
+    """A class id names a folder under train/: one plain path component, nothing more."""
+    if (
+        len(wnid) > 255
+        or not wnid.isprintable()
+        or wnid in (".", "..")
+        or "/" in wnid
+        or "\\" in wnid
+    ):
+        raise DataError(
+            f"{path}, line {number}: {_quoted(wnid)} is not a class id (a folder name under "
+            "train/, such as n01443537)."
+        )
 
 
 def _wnids(base: Path) -> list[str]:
     path = base / "wnids.txt"
-    wnids = [line.strip() for line in _read_text(path) if line.strip()]
+    wnids: list[str] = []
+    seen: set[str] = set()
+    for number, line in enumerate(_read_text(path), start=1):
+        wnid = line.strip()
+        if not wnid:
+            continue
+        _check_wnid(wnid, path, number)
+        if wnid in seen:
+            raise DataError(f"{path} lists class {wnid} twice (again on line {number}).")
+        seen.add(wnid)
+        wnids.append(wnid)
     if not wnids:
         raise DataError(f"{path} lists no classes.")
-    if len(set(wnids)) != len(wnids):
-        dup = next(w for w in wnids if wnids.count(w) > 1)
-        raise DataError(f"{path} lists class {dup} twice.")
     return sorted(wnids)
 
 
@@ -126,16 +182,18 @@ def _val_files(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
         fields = line.split("\t")
         if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
             raise DataError(
-                f"{annotations}, line {number}: malformed line {line!r}; expected tab-separated "
-                "'filename, wnid, x, y, w, h'."
+                f"{annotations}, line {number}: malformed line {_quoted(line)}; expected "
+                "tab-separated 'filename, wnid, x, y, w, h'."
             )
         name, wnid = fields[0].strip(), fields[1].strip()
         if wnid not in index:
             raise DataError(
-                f"{annotations}, line {number}: class {wnid!r} is not listed in wnids.txt."
+                f"{annotations}, line {number}: class {_quoted(wnid)} is not listed in wnids.txt."
             )
         if name not in present:
-            raise DataError(f"{annotations}, line {number}: image {images / name} does not exist.")
+            raise DataError(
+                f"{annotations}, line {number}: image {images}/{_short(name)} does not exist."
+            )
         paths.append(images / name)
         labels.append(index[wnid])
     if not paths:

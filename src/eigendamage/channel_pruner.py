@@ -30,6 +30,7 @@ from .curvature.kfac import factor_sides
 from .errors import ConfigError, ModelError
 from .measure import count
 from .structure import ChannelGroups, prune_channels
+from .structure.ties import tied_layers
 from .surgery.channels import apply_weight_update_
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def channel_prune(
     criterion = get_criterion(method)
     groups = ChannelGroups.build(model, example_inputs, ignored_layers)
     if not len(groups):
-        raise ModelError(f"{type(model).__name__} has no prunable channel groups")
+        raise ModelError(no_groups_message(type(model).__name__, method, groups))
     layers = groups.root_layers()
     if "kfac" in criterion.needs:  # curvature for plain layers it can hold (unscored: kept)
         layers = [n for n in layers if _curvature_fits(model.get_submodule(n))]
@@ -170,6 +171,18 @@ def channel_prune(
     return pruned, info
 
 
+def no_groups_message(model_name: str, method: str, groups: ChannelGroups) -> str:
+    """Why ``method`` finds nothing to prune: every skipped group with its reason and the
+    layers left out (output layer, ``exclude``)."""
+    why = "; ".join(f"{g}: {r}" for g, r in groups.skipped.items())
+    left_out = ", ".join(repr(n) for n in groups.ignored) or "none"
+    return (
+        f"{model_name} has no channel group {method} can prune (skipped: {why or 'none'}; "
+        f"output and excluded layers: {left_out}); it needs nn.Conv2d/nn.Linear layers "
+        "outside those, or use method='eigendamage'"
+    )
+
+
 def prune_round(
     model: nn.Module,
     loader: Iterable,
@@ -195,7 +208,9 @@ def prune_round(
     """
     from .pruner import RoundInfo
 
-    ref = next(model.parameters())
+    ref = next(model.parameters(), None)
+    if ref is None:
+        raise ModelError(f"{type(model).__name__} has no parameters: there is nothing to prune")
     example = torch.zeros(input_shape, device=ref.device, dtype=ref.dtype)
     curvature = dict(
         fisher=fisher,
@@ -209,11 +224,20 @@ def prune_round(
     if method in WEIGHT_METHODS:
         if target is not None:
             raise ConfigError(f"{method} is weight-level: give a ratio (sparsity), not a budget")
-        layers = [n for n, m in model.named_modules() if is_plain_layer(m) and n not in exclude]
         start = time.perf_counter()
-        pruned, info = weight_prune(model, loader, method, ratio, modules=layers, **curvature)
+        layers = _weight_layers(model, method, exclude)
+        zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in layers)
+        total = sum(model.get_submodule(n).weight.numel() for n in layers)
+        # ratio of the weights still standing, as channel methods take it of the channels left
+        sparsity = zeros / total + ratio * (1 - zeros / total)
+        pruned, info = weight_prune(model, loader, method, sparsity, modules=layers, **curvature)
         counts = _count(pruned, example)
         detail = {k: info[k] for k in ("sparsity", "threshold", "masks", "per_layer_sparsity")}
+        detail["removed_units"] = sum(  # newly zeroed: old zeros stay masked anyway
+            int(((model.get_submodule(n).weight != 0).cpu() & ~info["masks"][n]).sum())
+            for n in layers
+        )
+        detail["total_units"] = total - zeros
         seconds = {"weight_prune": time.perf_counter() - start}
         return pruned, RoundInfo(0, info["sparsity"], counts[0], counts[1], seconds, detail)
     amount: dict[str, float] = {"ratio": ratio}
@@ -233,9 +257,24 @@ def prune_round(
         k: info[k]
         for k in ("threshold", "removed", "removed_channels", "channels", "skipped_groups")
     }
+    detail["removed_units"], detail["total_units"] = info["removed_channels"], info["channels"]
     return pruned, RoundInfo(
         0, info["ratio"], info["params"][1], info["flops"][1], info["seconds"], detail
     )
+
+
+def _weight_layers(model: nn.Module, method: str, exclude: set[str]) -> list[str]:
+    """The layers obd/obs zero weights of; tied layers stay dense (their tie survives)."""
+    tied = tied_layers(model)
+    plain = [n for n, m in model.named_modules() if is_plain_layer(m)]
+    layers = [n for n in plain if n not in exclude and n not in tied]
+    if not layers:
+        raise ModelError(
+            f"no layer {method} can prune in {type(model).__name__}: it prunes nn.Linear and "
+            f"nn.Conv2d layers; found {plain or 'none'}, excluded "
+            f"{sorted(exclude & set(plain)) or 'none'}, tied {sorted(tied) or 'none'}"
+        )
+    return layers
 
 
 def _check_amount(

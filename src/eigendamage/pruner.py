@@ -8,6 +8,7 @@ new eigenbases into the old, so bottlenecks never stack).
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -22,18 +23,29 @@ from .criteria.eigendamage import (
     apply_plan,
     classifier_name,
     direction_scores,
-    eigendamage_targets,
     plan_pruning,
     rotated_layers,
+    target_policy,
 )
 from .curvature import collect_kfac
 from .curvature.ekfac import kfe_diagonal
 from .curvature.stability import stable_eigendecompose, with_damping_escalation
 from .errors import ConfigError, ModelError, unknown_name
 from .measure import Counts, count
+from .prune_checks import (
+    check_arguments,
+    check_model,
+    excluded_roots,
+    expand_excluded,
+    infer_input_shape,
+    match_modes,
+    nothing_removed,
+    tie_note,
+)
 from .surgery.eigenbasis import Factored
 
 FineTune = Callable[[nn.Module, int], None]
+logger = logging.getLogger("eigendamage")
 EIGEN_METHODS = ("eigendamage", "eigendamage-dw")
 
 
@@ -112,11 +124,20 @@ def run_pruning(
     """Prune with ``method`` over ``rounds`` rounds; ``model`` itself is not modified.
 
     Budget: exactly one of ``ratio`` (fraction of units removed *per round*, as in the
-    paper: eigen-directions for EigenDamage, channels for channel methods, weights for
-    obd/obs), ``target_params`` or ``target_flops`` (fraction of the original model *kept*
-    after the last round; intermediate rounds aim at the geometric schedule
-    ``target**(r/rounds)``).  ``exclude`` lists layer names never pruned (default: the
-    classifier).  ``finetune(model, round)`` trains the model in place after each round.
+    paper: eigen-directions for EigenDamage, channels for channel methods, weights still
+    standing for obd/obs), ``target_params`` or ``target_flops`` (fraction of the original
+    model *kept* after the last round; intermediate rounds aim at the geometric schedule
+    ``target**(r/rounds)``; a round whose target the model already meets is skipped).
+    ``exclude`` names modules never pruned (a block excludes all its layers), *in addition*
+    to the output layer; unknown names are a :class:`ConfigError`.  Layers sharing a tied
+    parameter are never pruned, so ties survive.  ``finetune(model, round)`` trains the
+    model in place after each round.  The result has the train/eval modes of ``model``.
+
+    Stopping: a round that removes nothing (every layer at ``per_layer_cap`` or at one unit,
+    or the ratio rounds down to no unit) ends the loop -- further rounds would only repeat
+    it.  Round 1 removing nothing is a :class:`ConfigError` (the settings prune nothing at
+    all); a later one is logged ("round k removed nothing: stopping after k-1 rounds") and
+    the result so far is returned, without calling ``finetune`` or ``on_round`` for it.
 
     Resuming: pass the model saved after round ``start_round - 1`` with ``start_round`` and
     the ``reference`` counts of the original model; ``on_round(model, info)`` is called after
@@ -127,35 +148,43 @@ def run_pruning(
     methods = available_methods()
     if method not in methods:
         raise ConfigError(unknown_name("method", method, methods))
-    budgets = [b is not None for b in (ratio, target_params, target_flops)]
-    if sum(budgets) != 1:
-        raise ConfigError("give exactly one of ratio, target_params or target_flops")
-    if rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {rounds}")
-    for label, value in (("target_params", target_params), ("target_flops", target_flops)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise ConfigError(f"{label} is the fraction kept and must be in (0, 1], got {value}")
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio is the fraction removed and must be in [0, 1), got {ratio}")
+    check_arguments(
+        ratio=ratio,
+        target_params=target_params,
+        target_flops=target_flops,
+        rounds=rounds,
+        per_layer_cap=per_layer_cap,
+        fisher=fisher,
+        fisher_batches=fisher_batches,
+        fisher_samples=fisher_samples,
+        damping=damping,
+        eigenvalues=eigenvalues,
+        seed=seed,
+        start_round=start_round,
+    )
+    check_model(model)
     if damping is None:
         damping = default_damping(method)
-    if eigenvalues not in ("kfac", "ekfac"):
-        raise ConfigError(f"eigenvalues must be 'kfac' or 'ekfac', got {eigenvalues!r}")
-    input_shape = input_shape or _infer_input_shape(loader)
+    say = log or logger.warning
+    roots = excluded_roots(model, exclude, classifier_name(model))
+    note = tie_note(model, expand_excluded(model, roots))
+    if note:
+        say(note)
+    input_shape = input_shape or infer_input_shape(loader)
     before = reference or count(model, input_shape)
     current = copy.deepcopy(model)
-    if exclude is None:
-        cls = classifier_name(current)
-        exclude = {cls} if cls else set()
     infos: list[RoundInfo] = []
     for r in range(start_round, rounds + 1):
-        if before_round is not None:
-            before_round(r)
         target = None
         if target_params is not None:
             target = ("params", before.params * target_params ** (r / rounds))
         elif target_flops is not None:
             target = ("flops", before.flops * target_flops ** (r / rounds))
+        if target is not None and getattr(count(current, input_shape), target[0]) <= target[1]:
+            say(f"round {r}/{rounds}: already within its {target[0]} target; skipped")
+            continue
+        if before_round is not None:
+            before_round(r)
         start = time.perf_counter()
         common = dict(
             ratio=ratio,
@@ -166,21 +195,29 @@ def run_pruning(
             fisher_batches=fisher_batches,
             fisher_samples=fisher_samples,
             damping=damping,
-            exclude=set(exclude),
+            exclude=expand_excluded(current, roots),
             seed=seed + r - 1,
             device=device,
         )
         if method == "eigendamage-dw":
             from .criteria.eigendamage_dw import eigendamage_dw_round
 
-            current, info = eigendamage_dw_round(current, loader, eigenvalues=eigenvalues, **common)
+            pruned, info = eigendamage_dw_round(current, loader, eigenvalues=eigenvalues, **common)
         elif method in EIGEN_METHODS:
-            current, info = eigendamage_round(current, loader, eigenvalues=eigenvalues, **common)
+            pruned, info = eigendamage_round(current, loader, eigenvalues=eigenvalues, **common)
         else:
             from .channel_pruner import prune_round
 
             step = partial(prune_round, current, loader, method=method, **common)
-            current, info = with_damping_escalation(step, damping)
+            pruned, info = with_damping_escalation(step, damping)
+        if info.detail.get("removed_units", 1) == 0:
+            if r == 1:
+                budget = f"ratio {ratio:g}" if ratio is not None else "the round's target"
+                raise nothing_removed(method, r, info.detail, budget)
+            say(f"round {r} removed nothing: stopping after {r - 1} rounds")
+            break
+        current = pruned
+        match_modes(current, model)
         info.round = r
         info.seconds["prune"] = time.perf_counter() - start
         if log:
@@ -235,11 +272,15 @@ def score_eigendirections(
     Returns ``(rotated layers, scores, seconds per stage)``; shared by every KFE method."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    targets = eigendamage_targets(model, exclude)
+    targets, dense = target_policy(model, exclude)
     if not targets:
+        why = "; ".join(f"{n}: {r}" for n, r in dense.items()) or "none"
+        left_out = sorted(exclude)
         raise ModelError(
-            "no prunable layer: EigenDamage needs nn.Linear or nn.Conv2d (groups=1) layers "
-            "outside the excluded ones"
+            f"no layer EigenDamage can prune in {type(model).__name__}: it needs nn.Linear or "
+            f"nn.Conv2d (groups=1) layers besides the output and excluded ones "
+            f"({', '.join(left_out[:8]) + (' ...' if len(left_out) > 8 else '') or 'none'}); "
+            f"left dense: {why}"
         )
     curvature = dict(
         fisher=fisher, batches=fisher_batches, samples=fisher_samples, seed=seed, device=device
@@ -309,6 +350,8 @@ def eigendamage_round(
         "threshold": plan.threshold,
         "pruned_directions": plan.pruned_directions,
         "total_directions": plan.total_directions,
+        "removed_units": plan.pruned_directions,
+        "total_units": plan.total_directions,
         "forms": {n: lp.form for n, lp in plan.layers.items()},
     }
     return pruned, RoundInfo(0, ratio, counts.params, counts.flops, timings, detail)
@@ -351,12 +394,3 @@ def solve_ratio(
         else:
             hi = mid
     return best_r
-
-
-def _infer_input_shape(loader: Iterable) -> tuple[int, ...]:
-    for batch in loader:
-        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if isinstance(inputs, torch.Tensor):
-            return (1, *inputs.shape[1:])
-        break
-    raise ConfigError("cannot infer the input shape from the loader: pass input_shape")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .curvature.hooks import check_labels
 from .distributed import is_main, shard_loader, wrap_ddp
 from .errors import ConfigError, DataError, EigenDamageError
 from .io import CheckpointError, load_checkpoint, save_checkpoint
@@ -213,6 +214,7 @@ def evaluate(
                 inputs, targets = _split(batch)
                 inputs, targets = _to(inputs, dev), _to(targets, dev)
                 logits = model_logits(model, inputs)
+                check_labels(targets, logits.shape[1], "evaluation batch")
                 total += F.cross_entropy(logits, targets, reduction="sum").item()
                 correct += (logits.argmax(dim=1) == targets).sum().item()
                 n += targets.shape[0]
@@ -460,6 +462,7 @@ def _train_epoch(
         inputs, targets = _split(batch)
         inputs, targets = _to(inputs, dev), _to(targets, dev)
         logits = model_logits(model, inputs)
+        check_labels(targets, logits.shape[1], f"training batch {b + 1}")
         loss = F.cross_entropy(logits, targets)
         if not torch.isfinite(loss):
             raise TrainingError(

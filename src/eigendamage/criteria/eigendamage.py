@@ -199,9 +199,10 @@ def target_policy(
     """``(targets, {layer left dense: reason})`` under the policy of the module docstring.
 
     Targets are plain Linear/Conv2d layers and the cores of existing bottlenecks, minus
-    ``exclude`` (by default the classifier, which is not listed among the skipped).  The
-    probe forward runs on ``example_inputs`` when given, else on the input of the model's
-    ``eigendamage_spec`` (models from ``create_model``); other models are not probed.
+    ``exclude`` and all modules inside an excluded one (excluded layers are not listed
+    among the skipped).  The probe forward runs on ``example_inputs`` when given, else on
+    the input of the model's ``eigendamage_spec`` (models from ``create_model``); other
+    models are not probed.
     """
     exclude = set(exclude)
     names_of: dict[int, list[str]] = defaultdict(list)
@@ -219,8 +220,7 @@ def target_policy(
     targets: list[str] = []
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
-        parent = name.rpartition(".")[0]
-        if name in exclude or (parent and parent in exclude):
+        if _under(name, exclude):
             continue
         if isinstance(module, KFEBottleneck):
             targets.append(f"{name}.core")
@@ -250,6 +250,15 @@ def target_policy(
             targets.remove(name)
             skipped[name] = reason
     return targets, skipped
+
+
+def _under(name: str, exclude: set[str]) -> bool:
+    """``name`` or one of its ancestors is excluded (excluding a block excludes its layers)."""
+    while name:
+        if name in exclude:
+            return True
+        name = name.rpartition(".")[0]
+    return False
 
 
 def _static_reason(

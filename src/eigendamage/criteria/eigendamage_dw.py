@@ -331,6 +331,8 @@ def eigendamage_dw_round(
         "threshold": plan.threshold,
         "pruned_directions": plan.pruned_directions,
         "total_directions": plan.total_directions,
+        "removed_units": plan.pruned_directions,
+        "total_units": plan.total_directions,
         "cp_error": cp_errors,
         "forms": {n: "depthwise" if n in cp_errors else lp.form for n, lp in plan.layers.items()},
     }

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, CurvatureError, ModelError
+from ..errors import ConfigError, CurvatureError, DataError, ModelError
 
 FISHER_TYPES = ("true", "empirical")
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
@@ -154,12 +154,34 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+IGNORE_INDEX = -100  # cross-entropy's "no label here" (padding tokens)
+
+
+def check_labels(labels: object, num_classes: int, where: str) -> None:
+    """Class labels must lie in ``[0, num_classes)`` (or be ``IGNORE_INDEX``).
+
+    Why: cross-entropy fails on others with a bare ``IndexError`` on the CPU and a device
+    assert that poisons the CUDA context on a GPU; this names the value and the classes.
+    Soft (floating-point) targets are not class labels and pass unchecked.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+        return
+    bad = (labels >= num_classes) | ((labels < 0) & (labels != IGNORE_INDEX))
+    if bad.any():
+        value = int(labels[bad].flatten()[0])
+        raise DataError(
+            f"{where}: label {value} is outside [0, {num_classes}): the model has "
+            f"{num_classes} classes; the dataset's labels do not match the model's output "
+            "layer (use a model built for this dataset, or remap the labels)"
+        )
+
+
 def _sampled_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over examples (and tokens) of the negative log-likelihood of ``labels``."""
     flat = logits.reshape(-1, logits.shape[-1])
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()  # low-precision logits: take the loss in fp32
-    return F.cross_entropy(flat, labels.reshape(-1), reduction="sum", ignore_index=-100)
+    return F.cross_entropy(flat, labels.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 def iterate_layer_calls(
@@ -233,6 +255,7 @@ def iterate_layer_calls(
                 if not outputs:
                     raise ModelError("no target layer was called in the forward pass")
                 if fisher == "empirical":
+                    check_labels(labels, logits.shape[-1], f"batch {step} of the loader")
                     draws = [to_device(labels, device)]
                 else:
                     generator.manual_seed(batch_seed(seed, step))

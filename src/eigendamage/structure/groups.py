@@ -24,6 +24,8 @@ Where torch-pruning falls short, and what is done about it:
   module an adapter recognises gets one group of its own whose channels are whole heads
   (:mod:`eigendamage.structure.heads`).
 * Models returning HF-style outputs are traced through their logits.
+* It does not see tied parameters (one tensor on several layers): groups touching one are
+  skipped, as pruning would untie them (:mod:`eigendamage.structure.ties`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ..curvature.hooks import logits_of
 from ..errors import ModelError
 from ..surgery.channels import Plan, remove_channels_, zero_channels_
 from .heads import HeadLayout, find_heads, refresh_head_counts
+from .ties import tied_layers
 
 _ROOT_TYPES = (nn.Conv2d, nn.Linear)
 _MEMBER_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -188,16 +191,20 @@ class ChannelGroups:
                     root_module_types=_ROOT_TYPES,
                 )
             )
-        for g in all_groups:
-            group, reason = _convert(dg, g, names)
+        tied = tied_layers(traced)
+        candidates = [(*_convert(dg, g, names), True) for g in all_groups]
+        candidates += [(_head_group(h), "", False) for h in layouts]  # heads: never protected
+        for group, reason, may_hit in candidates:
             hit = next((m for m in group.members if (m.module, m.dim) in protected), None)
-            if hit is not None and not reason:
+            if may_hit and hit is not None and not reason:
                 reason = protected[(hit.module, hit.dim)]
+            tie = next((tied[m.module] for m in group.members if m.module in tied), None)
+            if tie is not None and not reason:
+                reason = f"tied parameters {tie}: pruning would untie them"
             if reason:
                 skipped[group.id] = reason
             else:
                 groups.append(group)
-        groups += [_head_group(h) for h in layouts]
         order = {n: i for i, n in enumerate(by_name)}
         groups.sort(key=lambda g: order[g.id])  # model order, not tracing order
         return cls(groups, ignored, skipped, layouts)

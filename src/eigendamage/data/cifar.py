@@ -27,6 +27,7 @@ from .common import (
     DataSpec,
     ImageDataset,
     check_fraction,
+    read_bounded,
     resolve_root,
     stratified_partition,
 )
@@ -115,10 +116,8 @@ def _number(value: int) -> str:
 
 def _check_labels(labels: Any, n: int, where: str, fmt: CifarFormat) -> np.ndarray:
     """One integer label in ``0..num_classes-1`` per image, as a list (official) or 1-D array.
-
     Element types are checked before any conversion, so strings, bools, nested lists or huge
-    integers cannot turn into a (possibly huge) array of something else.
-    """
+    integers cannot turn into a (possibly huge) array of something else."""
     name = fmt.label_key.decode()
     if isinstance(labels, np.ndarray):
         values = np.asarray(labels)
@@ -240,25 +239,18 @@ def read_meta(data: bytes, where: str, fmt: CifarFormat) -> tuple[str, ...]:
 
 
 def _too_big(where: str | Path, size: int) -> DataError:
-    return DataError(
-        f"{where} is {size} bytes, more than any CIFAR file ({MAX_FILE_BYTES} bytes at most); "
-        f"it is not an official file. Download {URL} again."
-    )
+    return DataError(f"{where} is {size} bytes, more than {_TOO_BIG}")
+
+
+_TOO_BIG = (
+    f"any CIFAR file ({MAX_FILE_BYTES} bytes at most); it is not an official file. "
+    f"Download {URL} again."
+)
 
 
 def _read_file(path: Path) -> bytes:
     """A file's bytes, refusing oversized ones before reading them."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise _too_big(path, size)
-        with path.open("rb") as stream:
-            data = stream.read(size + 1)  # read(n) allocates n bytes up front
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}.") from None
-    if len(data) > size:
-        raise DataError(f"{path} grew while it was read; read it again when it is complete.")
-    return data
+    return read_bounded(path, MAX_FILE_BYTES, _TOO_BIG)
 
 
 def _folder_files(folder: Path, fmt: CifarFormat) -> dict[str, tuple[Path | bytes, str]]:

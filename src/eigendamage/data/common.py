@@ -96,6 +96,22 @@ class FileSource:
         return read_image(self.paths[index])
 
 
+def read_bounded(path: Path, limit: int, too_big: str) -> bytes:
+    """A file's bytes, refusing one over ``limit`` bytes before reading it (``too_big``
+    finishes the message: what such a file is and what to do)."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise DataError(f"{path} is {size} bytes, more than {too_big}")
+        with path.open("rb") as stream:
+            data = stream.read(size + 1)  # read(n) allocates n bytes up front
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}.") from None
+    if len(data) > size:
+        raise DataError(f"{path} grew while it was read; read it again when it is complete.")
+    return data
+
+
 def read_image(path: Path) -> torch.Tensor:
     """Read one image file as uint8 RGB (3, H, W); a bad file becomes a DataError naming it.
 

@@ -20,6 +20,7 @@ from .common import (
     FileSource,
     ImageDataset,
     check_fraction,
+    read_bounded,
     resolve_root,
     stratified_partition,
 )
@@ -67,19 +68,12 @@ def _quoted(text: str, limit: int = 80) -> str:
 
 def _read_text(path: Path) -> list[str]:
     """The lines of a UTF-8 text file, refusing oversized files before reading them."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_TEXT_BYTES:
-            raise DataError(
-                f"{path} is {size} bytes, more than a Tiny-ImageNet text file can be "
-                f"({MAX_TEXT_BYTES} bytes at most); it is not the official file."
-            )
-        with path.open("rb") as stream:
-            raw = stream.read(size + 1)  # read(n) allocates n bytes up front
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}.") from None
-    if len(raw) > size:
-        raise DataError(f"{path} grew while it was read; read it again when it is complete.")
+    raw = read_bounded(
+        path,
+        MAX_TEXT_BYTES,
+        f"a Tiny-ImageNet text file can be ({MAX_TEXT_BYTES} bytes at most); it is not the "
+        "official file.",
+    )
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

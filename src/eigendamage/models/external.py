@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,13 @@ def create_external(
     check_positive_int("num_classes", num_classes, where=name)
     if in_channels is not None:
         check_positive_int("in_channels", in_channels, where=name)
-    for key in ("weights", "pretrained", "pretrained_cfg_overlay", "checkpoint_path"):
+    for key in (
+        "weights",
+        "weights_backbone",
+        "pretrained",
+        "pretrained_cfg_overlay",
+        "checkpoint_path",
+    ):
         if key in kwargs:
             raise ModelError(
                 f"{name}: {key!r} is not supported; models are built without downloading "
@@ -122,8 +129,13 @@ def _torchvision(name: str, num_classes: int, in_channels: int, kwargs: dict[str
     choices = torchvision.models.list_models()
     if name not in choices:
         raise ModelError(unknown_name("torchvision model", name, choices))
+    # Detection/segmentation builders default to downloading ImageNet backbone weights.
+    params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    no_download = {"weights_backbone": None} if "weights_backbone" in params else {}
     try:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        model = torchvision.models.get_model(
+            name, weights=None, num_classes=num_classes, **no_download, **kwargs
+        )
     except (TypeError, ValueError) as e:
         raise ModelError(f"cannot build torchvision:{name} with {kwargs!r}: {e}") from e
     if in_channels != 3:
@@ -203,7 +215,12 @@ def _register_timm_modules() -> None:
         return module
 
     register_module_type(
-        "timm.BatchNormAct2d", bn_args, build_bn_act, cls=BatchNormAct2d, container=True
+        "timm.BatchNormAct2d",
+        bn_args,
+        build_bn_act,
+        cls=BatchNormAct2d,
+        container=True,
+        init_args=True,
     )
 
     def ln_args(m: nn.Module) -> dict[str, Any]:
@@ -228,7 +245,9 @@ def _register_timm_modules() -> None:
         Conv2dSame: conv_args,
     }
     for cls, args in describe.items():
-        register_module_type(f"timm.{cls.__name__}", args, lambda a, ch, c=cls: c(**a), cls=cls)
+        register_module_type(
+            f"timm.{cls.__name__}", args, lambda a, ch, c=cls: c(**a), cls=cls, init_args=True
+        )
 
 
 # --------------------------------------------------------------------------- transformers
@@ -247,16 +266,18 @@ def _hf(name: str, num_classes: int, kwargs: dict[str, Any], *, causal_lm: bool)
     spec_kwargs: dict[str, Any] = {"num_classes": num_classes, **kwargs}
     if saved is None and Path(name).is_dir():
         spec_kwargs = {"num_classes": num_classes, "config": config.to_dict()}
-    try:
+    try:  # trust_remote_code=False: a config's `auto_map` must never import its .py files
         if causal_lm:
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         else:
             config.num_labels = num_classes
             if getattr(config, "pad_token_id", None) is None:
                 # Decoder classifiers pool the last non-pad token; without a pad id HF refuses
                 # batches larger than 1.  The EOS id is HF's own recommendation.
                 config.pad_token_id = getattr(config, "eos_token_id", None)
-            model = transformers.AutoModelForSequenceClassification.from_config(config)
+            model = transformers.AutoModelForSequenceClassification.from_config(
+                config, trust_remote_code=False
+            )
     except (ValueError, KeyError, TypeError) as e:
         task = "causal LM" if causal_lm else "sequence classifier"
         raise ModelError(f"cannot build hf:{name} as a {task}: {e}") from e
@@ -280,7 +301,12 @@ def _hf_config(name: str, overrides: dict[str, Any], saved: Any) -> Any:
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ModelError(f"hf:{name}: the directory holds no config.json")
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
+        try:  # never the prompt that runs a directory's own code on "y"
+            config = AutoConfig.from_pretrained(
+                name, local_files_only=True, trust_remote_code=False
+            )
+        except (ValueError, KeyError, OSError) as e:
+            raise ModelError(f"hf:{name}: cannot read its config.json: {_one_line(e)}") from e
         _check_fields(name, type(config), overrides)
         return type(config).from_dict({**config.to_dict(), **overrides})
     key = next((name[len(o) :] for o in _HF_ORGS if name.startswith(o)), name)
@@ -295,6 +321,10 @@ def _hf_config(name: str, overrides: dict[str, Any], saved: Any) -> Any:
         )
     _check_fields(name, CONFIG_MAPPING[model_type], overrides)
     return AutoConfig.for_model(model_type, **{**defaults, **overrides})
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _check_fields(name: str, config_class: type, overrides: dict[str, Any]) -> None:

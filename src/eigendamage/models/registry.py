@@ -11,7 +11,6 @@ registry name before the pruned shapes are applied (:func:`create_from_spec`).  
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +164,16 @@ def default_input_shape(name_or_model: str | nn.Module, *, batch_size: int = 1) 
             )
         size = tuple(spec["input_size"])
     elif is_model_dir(name_or_model):
-        from ..io import ARCHITECTURE_FILE
+        from ..io import ARCHITECTURE_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION
+        from ..model_file_checks import read_architecture
 
-        doc = json.loads((Path(name_or_model) / ARCHITECTURE_FILE).read_text(encoding="utf-8"))
+        doc = read_architecture(  # checked: the directory may come from anyone
+            Path(name_or_model) / ARCHITECTURE_FILE,
+            model_format=MODEL_FORMAT,
+            version=MODEL_FORMAT_VERSION,
+        )
+        if "input_size" not in doc["base"]:
+            raise ModelError(f"{name_or_model}: its architecture.json records no input size")
         size = tuple(doc["base"]["input_size"])
     elif ":" in name_or_model:  # the source decides (inception_v3: 299, timm configs, hf)
         size = tuple(create_model(name_or_model).eigendamage_spec["input_size"])

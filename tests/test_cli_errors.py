@@ -316,7 +316,7 @@ def test_table_is_large_enough() -> None:
         (RuntimeError("DefaultCPUAllocator: can't allocate memory"), 3, ["--batch-size"]),
         (MemoryError(), 3, ["out of memory", "--device cpu"]),
         (PermissionError(13, "Permission denied", "/x/metrics.json"), 2, ["/x/metrics.json"]),
-        (OSError(28, "No space left on device"), 2, ["No space left on device"]),
+        (OSError(28, "No space left on device"), 3, ["No space left on device", "free some space"]),
     ],
 )  # fmt: skip
 def test_resource_failures_are_one_line(

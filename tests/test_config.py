@@ -142,9 +142,15 @@ def test_merge_overrides(tmp_path: Path) -> None:
 
 
 def test_model_names_the_architecture_of_a_state_dict_checkpoint() -> None:
-    cfg = PruneConfig(model="m", checkpoint="w.pt", method="x", ratio=0.5, allow_pickle=True)
-    assert cfg.model == "m" and cfg.checkpoint == "w.pt" and cfg.allow_pickle
-    assert PruneConfig(model="m", method="x", ratio=0.5).allow_pickle is False
+    cfg = PruneConfig(model="m", checkpoint="w.pt", method="x", ratio=0.5)
+    assert cfg.model == "m" and cfg.checkpoint == "w.pt"
+    # Unpickling is allowed only by --allow-pickle on the command line, never by a config:
+    # older run directories' `"allow_pickle": false` is dropped, `true` is refused.
+    assert "allow_pickle" not in PruneConfig(model="m", method="x", ratio=0.5).model_dump()
+    old = {"model": "m", "method": "x", "ratio": 0.5, "allow_pickle": False}
+    assert "allow_pickle" not in PruneConfig.model_validate(old).model_dump()
+    with pytest.raises(ValueError, match="pass --allow-pickle on the command line"):
+        PruneConfig(model="m", checkpoint="w.pt", method="x", ratio=0.5, allow_pickle=True)
 
 
 def test_build_config_merges_before_validating(tmp_path: Path) -> None:

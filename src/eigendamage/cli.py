@@ -2,11 +2,12 @@
 
 Every expected failure (bad path, unknown name, invalid value, existing output, a usage
 error such as a non-numeric ``--ratio``) is printed as one line ``error: ...`` on stderr
-with exit code 2 (3 for out-of-memory, 130 for Ctrl-C); a traceback means a bug.
+with exit code 2 (3 for out of memory or a full disk, 130 for Ctrl-C); a traceback means a bug.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from .config import PruneConfig, TrainConfig, build_config, load_config
+from .config import PICKLE_IN_FILE, PruneConfig, TrainConfig, build_config, load_config
 from .errors import ConfigError, EigenDamageError
 
 try:  # recent typer vendors click: its usage errors derive from TyperException
@@ -45,6 +46,7 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR, EXIT_OOM, EXIT_INTERRUPTED = 2, 3, 130
 OOM_HINT = "use fewer --fisher-batches, a smaller --batch-size, or --device cpu"
+DISK_FULL_HINT = "free some space and run again"
 
 
 def _error(message: str) -> None:
@@ -112,7 +114,7 @@ def friendly_errors(func: F) -> F:
             return func(*args, **kwargs)
         except EigenDamageError as exc:
             _error(str(exc))
-            raise typer.Exit(EXIT_ERROR) from None
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             run = kwargs.get("resume") or kwargs.get("out")
             hint = f"; continue with --resume {run}" if run else ""
@@ -126,6 +128,9 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(EXIT_OOM) from None
         except OSError as exc:  # disk full, permission denied, a file vanishing mid-run
             where = f": {exc.filename}" if exc.filename else ""
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a resource, like memory: exit 3
+                _error(f"{exc.strerror or 'disk full'}{where}; {DISK_FULL_HINT}")
+                raise typer.Exit(EXIT_OOM) from None
             _error(f"{exc.strerror or exc}{where}")
             raise typer.Exit(EXIT_ERROR) from None
 
@@ -187,6 +192,8 @@ def _run_config(
     try:
         cfg = load_config(out_dir / "config.json", cls)
     except ConfigError as exc:
+        if PICKLE_IN_FILE in str(exc):  # a run of an older version: it is the right kind
+            raise ConfigError(f"--resume {out_dir}: {exc}") from None
         kind = "train" if cls is TrainConfig else "prune"
         raise ConfigError(f"--resume {out_dir}: not a `{kind}` run ({exc})") from None
     return cfg, out_dir, True
@@ -240,7 +247,9 @@ def prune_cmd(
     ),
     checkpoint: str = typer.Option(None, help="model directory written by `train`/`prune`"),
     allow_pickle: bool = typer.Option(
-        False, help="load a legacy torch.save --checkpoint (unpickling runs code: trust it!)"
+        False,
+        help="load a legacy torch.save --checkpoint (unpickling runs its code: trust it!); "
+        "never stored in the run: give it again with --resume",
     ),
     data: str = typer.Option(None, "--data", help="dataset: digits, cifar10, cifar100, ..."),
     data_root: str = typer.Option(None, help="folder holding the dataset files"),
@@ -271,7 +280,6 @@ def prune_cmd(
     overrides = {
         "model": model,
         "checkpoint": checkpoint,
-        "allow_pickle": allow_pickle or None,
         "dataset": data,
         "data_root": data_root,
         "method": method,
@@ -291,7 +299,13 @@ def prune_cmd(
     }
     cfg, out_dir, resuming = _run_config(PruneConfig, out, resume, config, force, overrides)
     metrics = run_prune(
-        cfg, out_dir, force=force, resume=resuming, log=_log, progress=not no_progress
+        cfg,
+        out_dir,
+        force=force,
+        resume=resuming,
+        allow_pickle=allow_pickle,
+        log=_log,
+        progress=not no_progress,
     )
     from .distributed import is_main
 

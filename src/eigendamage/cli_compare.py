@@ -35,6 +35,11 @@ def _names(text: str | None) -> list[str] | None:
 def compare_cmd(
     model: str = typer.Option(None, help=f"model name, trained first (default {DEFAULT_MODEL})"),
     checkpoint: str = typer.Option(None, help="trained model directory (instead of --model)"),
+    allow_pickle: bool = typer.Option(
+        False,
+        help="load a legacy torch.save --checkpoint (unpickling runs its code: trust it!); "
+        "never stored: give it again with --resume",
+    ),
     data: str = typer.Option(None, "--data", help="dataset: digits, cifar10, cifar100, ..."),
     data_root: str = typer.Option(None, help="folder holding the dataset files"),
     methods: str = typer.Option(None, help="comma-separated methods (default: all)"),
@@ -99,7 +104,14 @@ def compare_cmd(
     else:
         train = _train_config(cfg, train_epochs)
     rows = run_compare(
-        cfg, out_dir, train=train, force=force, resume=resuming, log=_log, progress=not no_progress
+        cfg,
+        out_dir,
+        train=train,
+        force=force,
+        resume=resuming,
+        allow_pickle=allow_pickle,
+        log=_log,
+        progress=not no_progress,
     )
     table = markdown_rows(rows)
     compact = [c for c in table[0] if c not in ("params", "FLOPs", "note")]  # errors were logged

@@ -23,14 +23,16 @@ def export_cmd(
     ),
     check: bool = typer.Option(True, help="compare the file's outputs with PyTorch's"),
     tolerance: float = typer.Option(1e-4, help="largest max-abs difference --check accepts"),
-    force: bool = typer.Option(False, help="overwrite OUT"),
+    force: bool = typer.Option(False, help="replace OUT (a link there is replaced, not followed)"),
 ) -> None:
     """Export a model to ONNX (checked with onnxruntime) or to a torch.export .pt2 file."""
     from .errors import ModelError, OutputExistsError
     from .export import export_model, max_abs_diff, trace_input
     from .models import create_model
 
-    if out.exists() and not force:
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a directory; give a file name (.onnx or .pt2)")
+    if (out.exists() or out.is_symlink()) and not force:  # a dangling link counts too
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
     net = create_model(model).eval()
     example = trace_input(net, batch_size)

@@ -11,7 +11,9 @@ Layout of the output directory::
 Each run is an ordinary prune run, so a finished one is skipped on resume and a crashed one
 continues from its last round.  A run that fails for a documented reason (an unreachable
 budget, ...) is recorded with its message instead of stopping the other runs.  Latency is
-measured for all models together at the end, so one machine state times them all.
+measured for all models together at the end, so one machine state times them all.  The
+directory is locked for the whole comparison: a second one on the same ``--out`` is
+refused at once.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .io import (
     atomic_write_json,
     load_model,
     load_model_file,
+    lock_output_dir,
     prepare_output_dir,
 )
 from .measure import measure_latency
@@ -80,6 +83,7 @@ def run_compare(
     train: TrainConfig | None = None,
     force: bool = False,
     resume: bool = False,
+    allow_pickle: bool = False,
     log: Log = print,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -87,6 +91,7 @@ def run_compare(
 
     ``train`` trains a model first (into ``OUT/train``; ``OUT/train.json`` keeps its
     config for resuming) and prunes that checkpoint instead of ``cfg.model``/``checkpoint``.
+    ``allow_pickle`` lets a legacy ``torch.save`` checkpoint load (see ``run_prune``).
     """
     if train is None and cfg.checkpoint is None:
         raise ConfigError(
@@ -98,6 +103,20 @@ def run_compare(
         if method not in known:
             raise ConfigError(unknown_name("method", method, known))
     out_dir = prepare_output_dir(out, force=force, resume=resume)
+    with lock_output_dir(out_dir):
+        return _compare(cfg, out_dir, train, force, resume, allow_pickle, log, progress)
+
+
+def _compare(
+    cfg: CompareConfig,
+    out_dir: Path,
+    train: TrainConfig | None,
+    force: bool,
+    resume: bool,
+    allow_pickle: bool,
+    log: Log,
+    progress: bool,
+) -> list[dict[str, Any]]:
     atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
     if train is not None:
         atomic_write_json(out_dir / TRAIN_CONFIG, config_to_dict(train))
@@ -114,12 +133,13 @@ def run_compare(
         for run_cfg in runs:
             name = run_name(run_cfg)
             bar.update(task, description=name)
-            record = _run_one(run_cfg, name, out_dir / RUNS_DIR / name, force, resume, say)
+            run_dir = out_dir / RUNS_DIR / name
+            record = _run_one(run_cfg, name, run_dir, force, resume, allow_pickle, say)
             records.append(record)
             say(f"{name}: {'finished before' if record.skipped else record.error or 'done'}")
             bar.advance(task)
         bar.update(task, description="measuring latency")
-        rows = result_rows(_reference_model(cfg, records), records)
+        rows = result_rows(_reference_model(cfg, records, allow_pickle), records)
         bar.advance(task)
     write_results(
         rows,
@@ -131,12 +151,26 @@ def run_compare(
 
 
 def _run_one(
-    cfg: PruneConfig, name: str, run_dir: Path, force: bool, resume: bool, log: Log
+    cfg: PruneConfig,
+    name: str,
+    run_dir: Path,
+    force: bool,
+    resume: bool,
+    allow_pickle: bool,
+    log: Log,
 ) -> RunRecord:
     if resume and (done := finished_metrics(run_dir)) is not None:
         return RunRecord(name, run_dir, cfg, done, skipped=True)
     try:
-        metrics = run_prune(cfg, run_dir, force=force, resume=resume, log=log, progress=False)
+        metrics = run_prune(
+            cfg,
+            run_dir,
+            force=force,
+            resume=resume,
+            allow_pickle=allow_pickle,
+            log=log,
+            progress=False,
+        )
     except EigenDamageError as exc:
         return RunRecord(name, run_dir, cfg, error=str(exc))
     return RunRecord(name, run_dir, cfg, metrics)
@@ -157,7 +191,9 @@ def _printer(console: Any) -> Log:
     return lambda message: console.print(message, markup=False, highlight=False)
 
 
-def _reference_model(cfg: CompareConfig, records: list[RunRecord]) -> nn.Module | None:
+def _reference_model(
+    cfg: CompareConfig, records: list[RunRecord], allow_pickle: bool
+) -> nn.Module | None:
     """The unpruned model, loaded as the runs load it.  A state_dict checkpoint gets its
     architecture from a pruned model's spec (sized for the dataset); without any finished
     run there is none, and the reference row has no latency."""
@@ -168,7 +204,7 @@ def _reference_model(cfg: CompareConfig, records: list[RunRecord]) -> nn.Module 
             return None
         spec = getattr(load_model(done[0].run_dir / MODEL_DIR), SPEC_ATTR)
         build = partial(create_from_spec, spec)
-    return load_model_file(cfg.checkpoint, allow_pickle=cfg.allow_pickle, build=build)
+    return load_model_file(cfg.checkpoint, allow_pickle=allow_pickle, build=build)
 
 
 def latencies(models: dict[str, Callable[[], nn.Module]]) -> dict[str, float]:

@@ -9,15 +9,14 @@ the dotted field and the reason.
 from __future__ import annotations
 
 import difflib
-import json
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config_files import read_config_file
 from .errors import ConfigError
 
 __all__ = [
@@ -35,6 +34,18 @@ __all__ = [
 Schedule = Literal["step", "cosine", "constant"]
 Fisher = Literal["true", "empirical"]
 
+# Upper bounds a file from a stranger cannot exceed: beyond them a value is a mistake or an
+# attack (a 1e308 learning rate overflows float32 inside the optimizer; a 2**70 seed overflows
+# the RNG; a billion epochs never ends), and each would fail deep inside torch instead.
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS = 100_000
+MAX_ROUNDS = 1_000_000
+MAX_RATE = 1e30  # rates, decay, L1, damping: beyond, float32 steps overflow (3.4e38)
+MAX_BATCH = 1 << 20
+MAX_WORKERS = 256
+MAX_LIST = 1_000  # methods and budgets in one compare
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -46,15 +57,20 @@ class _Strict(BaseModel):
 
 
 def _check_device(value: str) -> str:
-    """Accept ``auto`` or anything ``torch.device`` parses (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    """Accept ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: devices that hold real data
+    (``meta`` holds none, and backends such as ``xla`` are not supported); whether the
+    device exists on this machine is checked when the run starts."""
     if value == "auto":
         return value
     import torch
 
+    choices = "use auto, cpu, cuda, cuda:N or mps"
     try:
-        torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, ValueError):
-        raise ValueError("not a device name: use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"not a device name: {choices}") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device type {device.type!r} is not supported: {choices}")
     return value
 
 
@@ -64,16 +80,18 @@ class TrainConfig(_Strict):
     model: str = Field(min_length=1)
     dataset: str = Field(default="digits", min_length=1)
     data_root: str | None = None
-    epochs: int = Field(default=30, ge=0)
-    batch_size: int = Field(default=128, ge=1)
-    lr: float = Field(default=0.1, gt=0)
+    epochs: int = Field(default=30, ge=0, le=MAX_EPOCHS)
+    batch_size: int = Field(default=128, ge=1, le=MAX_BATCH)
+    lr: float = Field(default=0.1, gt=0, le=MAX_RATE)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=5e-4, ge=0)
+    weight_decay: float = Field(default=5e-4, ge=0, le=MAX_RATE)
     schedule: Schedule = "step"
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: str = "auto"
-    l1_bn: float = Field(default=0.0, ge=0, description="Network-slimming L1 penalty on BN gammas")
-    num_workers: int = Field(default=0, ge=0)
+    l1_bn: float = Field(
+        default=0.0, ge=0, le=MAX_RATE, description="Network-slimming L1 penalty on BN gammas"
+    )
+    num_workers: int = Field(default=0, ge=0, le=MAX_WORKERS)
 
     @field_validator("device")
     @classmethod
@@ -84,9 +102,9 @@ class TrainConfig(_Strict):
 class FineTuneConfig(_Strict):
     """Fine-tuning after each pruning round (``epochs=0`` skips it)."""
 
-    epochs: int = Field(default=10, ge=0)
-    lr: float = Field(default=0.01, gt=0)
-    weight_decay: float = Field(default=5e-4, ge=0)
+    epochs: int = Field(default=10, ge=0, le=MAX_EPOCHS)
+    lr: float = Field(default=0.01, gt=0, le=MAX_RATE)
+    weight_decay: float = Field(default=5e-4, ge=0, le=MAX_RATE)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     schedule: Schedule = "cosine"
     bn_recalibration_batches: int | None = Field(
@@ -94,6 +112,11 @@ class FineTuneConfig(_Strict):
         ge=0,
         description="batches for BN statistics after surgery; 0 = skip, null = all",
     )
+
+
+PICKLE_IN_FILE = (
+    "allow_pickle cannot be set in a file; remove it and pass --allow-pickle on the command line"
+)
 
 
 class _PruneCommon(_Strict):
@@ -107,30 +130,37 @@ class _PruneCommon(_Strict):
     )
     dataset: str = Field(default="digits", min_length=1)
     data_root: str | None = None
-    rounds: int = Field(default=1, ge=1)
+    rounds: int = Field(default=1, ge=1, le=MAX_ROUNDS)
     per_layer_cap: float = Field(
         default=0.95, gt=0, le=1, description="largest fraction of one layer's units to remove"
     )
     fisher: Fisher = "true"
     fisher_batches: int | None = Field(default=None, ge=1, description="null = whole loader")
-    fisher_samples: int = Field(default=1, ge=1)
+    fisher_samples: int = Field(default=1, ge=1, le=1_000)
     damping: float | None = Field(
-        default=None, ge=0, description="relative damping; null = the method's default"
+        default=None, ge=0, le=MAX_RATE, description="relative damping; null = the method's default"
     )
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: str = "auto"
-    batch_size: int = Field(default=128, ge=1)
+    batch_size: int = Field(default=128, ge=1, le=MAX_BATCH)
 
     @field_validator("device")
     @classmethod
     def _valid_device(cls, v: str) -> str:
         return _check_device(v)
 
-    allow_pickle: bool = Field(
-        default=False,
-        description="let a legacy torch.save checkpoint be unpickled (runs code from the file)",
-    )
+    @model_validator(mode="before")
+    @classmethod
+    def _no_pickle_switch(cls, data: Any) -> Any:
+        """Unpickling runs code, so only ``--allow-pickle`` typed on the command line may
+        allow it: never a config file, a resumed run's ``config.json`` or a compare config.
+        ``false`` (written by older versions into every run's ``config.json``) is dropped."""
+        if isinstance(data, Mapping) and "allow_pickle" in data:
+            if data["allow_pickle"] is not False:
+                raise ValueError(PICKLE_IN_FILE)
+            data = {k: v for k, v in data.items() if k != "allow_pickle"}
+        return data
 
     @model_validator(mode="after")
     def _source(self) -> _PruneCommon:
@@ -170,10 +200,10 @@ class PruneConfig(_PruneCommon):
 class CompareConfig(_PruneCommon):
     """Several methods at several budgets on the same model, for tables and trade-off plots."""
 
-    methods: list[str] = Field(min_length=1)
-    ratios: list[float] | None = Field(default=None, min_length=1)
-    target_params: list[float] | None = Field(default=None, min_length=1)
-    target_flops: list[float] | None = Field(default=None, min_length=1)
+    methods: list[str] = Field(min_length=1, max_length=MAX_LIST)
+    ratios: list[float] | None = Field(default=None, min_length=1, max_length=MAX_LIST)
+    target_params: list[float] | None = Field(default=None, min_length=1, max_length=MAX_LIST)
+    target_flops: list[float] | None = Field(default=None, min_length=1, max_length=MAX_LIST)
 
     @field_validator("methods")
     @classmethod
@@ -263,45 +293,10 @@ def format_validation_error(exc: ValidationError, source: str, model_cls: type[B
 # --------------------------------------------------------------------------- loading
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config {path}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from exc
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"config {path}: invalid JSON: {exc}") from exc
-    elif suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover - Python 3.10
-            try:
-                import tomli as tomllib
-            except ImportError:
-                raise ConfigError(
-                    f"config {path}: TOML needs Python 3.11+ or `pip install tomli`; "
-                    "or use a .json config"
-                ) from None
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config {path}: invalid TOML: {exc}") from exc
-    else:
-        raise ConfigError(f"config {path}: unsupported file type {suffix!r}; use .json or .toml")
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path}: top level must be a table/object of settings")
-    return data
-
-
 def load_config(path: str | Path, model_cls: type[C]) -> C:
     """Read and validate a ``.json`` or ``.toml`` config into ``model_cls``."""
     p = Path(path)
-    data = _read(p)
+    data = read_config_file(p)
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
@@ -341,7 +336,7 @@ def build_config(model_cls: type[C], path: str | Path | None, overrides: Mapping
     ``method`` plus ``--method``); errors name the source of the offending values.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
-    data = _read(Path(path)) if path is not None else {}
+    data = read_config_file(Path(path)) if path is not None else {}
     for key, value in given.items():
         _set_dotted(data, key, os.fspath(value) if isinstance(value, os.PathLike) else value)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import FineTuneConfig, PruneConfig, TrainConfig
-from .io import prepare_output_dir
+from .io import lock_output_dir, prepare_output_dir
 from .report import print_table
 from .runner import Log, run_prune, run_train, summary_rows
 
@@ -39,6 +39,11 @@ def run_demo(
     out: str | Path, *, force: bool = False, seed: int = 0, log: Log = print, progress: bool = True
 ) -> dict:
     out_dir = prepare_output_dir(out, force=force)
+    with lock_output_dir(out_dir):  # a second demo on the same --out is refused at once
+        return _demo(out_dir, seed, log, progress)
+
+
+def _demo(out_dir: Path, seed: int, log: Log, progress: bool) -> dict:
     log("1/2 training digits-vgg on the embedded digits data ...")
     run_train(
         TrainConfig(**DEMO_TRAIN, seed=seed),

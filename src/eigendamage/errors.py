@@ -14,6 +14,14 @@ from collections.abc import Iterable
 class EigenDamageError(Exception):
     """Base class for errors caused by user input or environment, not by bugs."""
 
+    exit_code = 2  # the command line's exit status for this error
+
+
+class ResourceError(EigenDamageError):
+    """The machine ran out of something a run needs (disk space), like out of memory."""
+
+    exit_code = 3
+
 
 class ConfigError(EigenDamageError):
     """A config value, option or combination of options is invalid."""

@@ -5,7 +5,9 @@ an exported graph runs with onnxruntime or plain PyTorch alone.  Pruned models a
 ordinary modules (KFE bottlenecks are 1x1 convs/Linear layers around a core), so both
 exporters take them as they are.  The graph takes one input tensor -- images, or token
 ids for ``hf:`` models -- with a dynamic batch dimension, and returns the logits (a HF
-output object is reduced to its ``.logits``).
+output object is reduced to its ``.logits``).  The file is written like every other output:
+into a temp file next to it, then renamed over the path (a link there is replaced, never
+followed), so a failed or killed export leaves the old file or none.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from torch import nn
 
 from .curvature.hooks import eval_mode, logits_of
 from .errors import ConfigError, ModelError
+from .io import _atomic_target
 
 FORMATS = ("onnx", "pt2")
+# torch.onnx's own threshold: initializers above it go to an external data file.
+ONNX_EXTERNAL_DATA_BYTES = 1_610_612_736
 # torch.export specialises a batch dimension of size 1; trace with 2 so it stays dynamic.
 TRACE_BATCH = 2
 
@@ -55,10 +60,9 @@ def export_model(
     batch = torch.export.Dim("batch", min=1)
     dynamic = ({0: batch},)
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with eval_mode(wrapped):
-            _export(wrapped, out, example, fmt, dynamic, opset)
+        with eval_mode(wrapped), _atomic_target(out) as tmp:
+            _export(wrapped, tmp, out.name, example, fmt, dynamic, opset)
     except ImportError as exc:
         raise ModelError(
             f"{fmt} export needs the optional packages: pip install 'eigendamage[export]' ({exc})"
@@ -70,10 +74,20 @@ def export_model(
 
 
 def _export(
-    wrapped: nn.Module, out: Path, example: torch.Tensor, fmt: str, dynamic: Any, opset: int | None
+    wrapped: nn.Module,
+    tmp: Path,
+    name: str,
+    example: torch.Tensor,
+    fmt: str,
+    dynamic: Any,
+    opset: int | None,
 ) -> None:
+    """Write the export to ``tmp``, the temp file that becomes ``name`` once complete."""
     if fmt == "pt2":
-        torch.export.save(torch.export.export(wrapped, (example,), dynamic_shapes=dynamic), out)
+        program = torch.export.export(wrapped, (example,), dynamic_shapes=dynamic)
+        # A file object: given a path, torch.export complains about any name but *.pt2.
+        with open(tmp, "xb") as f:
+            torch.export.save(program, f)
         return
     program = torch.onnx.export(
         wrapped,
@@ -85,7 +99,18 @@ def _export(
         dynamic_shapes=dynamic,
         opset_version=opset,
     )
-    program.save(out)
+    graph = program.model.graph
+    size = sum(
+        v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None
+    )
+    if size <= ONNX_EXTERNAL_DATA_BYTES:
+        program.save(tmp)
+        return
+    # Too large for one protobuf: the weights go to NAME.data, referenced by that name (not
+    # the temp file's), so the reference holds once the temp file is renamed to NAME.
+    import onnx_ir
+
+    onnx_ir.save(program.model, tmp, format="protobuf", external_data=f"{name}.data")
 
 
 def run_exported(path: str | os.PathLike[str], x: torch.Tensor) -> torch.Tensor:

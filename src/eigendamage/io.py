@@ -15,20 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import os
 import pickle
 import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+try:  # POSIX only: output-directory locks
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import model_file_checks as checks
+from . import model_file_limits as limits
 from .errors import EigenDamageError, ModelError, OutputExistsError
 
 __all__ = [
@@ -36,6 +46,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "CheckpointError",
     "ModuleType",
+    "OutputInUseError",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -45,6 +56,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_model_file",
+    "lock_output_dir",
     "prepare_output_dir",
     "register_module_type",
     "remove_stale_temp_files",
@@ -85,9 +97,11 @@ def _atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno and not exc.filename:  # a write to an fd: name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -160,14 +174,13 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool
 
 
 def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
-    """``torch.save`` through a temp file, so a crash never leaves a truncated checkpoint."""
-    with _atomic_target(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    return Path(path)
+    """``torch.save`` through a temp file, so a crash never leaves a truncated checkpoint.
+
+    Serialized in memory first: torch's zip writer reports a full disk as an opaque
+    ``RuntimeError`` ("unexpected pos ..."), a plain write as ``OSError(ENOSPC)``."""
+    buffer = BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- output dirs
@@ -200,6 +213,40 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, resume: bool 
             f"cannot create output directory {p}: no write permission in {ancestor}"
         )
     return p
+
+
+class OutputInUseError(OutputExistsError):
+    """Another eigendamage run holds the output directory (see :func:`lock_output_dir`)."""
+
+
+@contextlib.contextmanager
+def lock_output_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive OS lock on the existing directory ``path`` while the block runs.
+
+    Why: two runs writing into one directory mix their results and delete each other's
+    files; the second one is refused at once instead.  The lock is ``flock`` on the
+    directory's own descriptor: it leaves no lock file behind, and the OS releases it when
+    the descriptor closes, whatever ends the process (SIGKILL included).  Where ``flock``
+    is missing (Windows) or the filesystem refuses it, the run goes ahead unlocked.
+    """
+    p = Path(path)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield p
+        return
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputInUseError(
+                f"output directory {p} is in use: another eigendamage run holds it; wait for "
+                "it to finish or choose another --out"
+            ) from None
+        except OSError:  # pragma: no cover - a filesystem without flock (some network mounts)
+            pass
+        yield p
+    finally:
+        os.close(fd)
 
 
 def prepare_output_dir(path: str | os.PathLike[str], *, force: bool, resume: bool = False) -> Path:
@@ -295,6 +342,8 @@ class ModuleType:
     ``describe(module)`` returns the JSON-able constructor arguments; ``build(args, children)``
     returns a new module (``children`` is the rebuilt children, empty for leaf types).  With
     ``container=True`` the children are described recursively and passed to ``build``.
+    ``init_args=True`` says ``build`` passes ``args`` to ``cls(**args)``: :func:`load_model`
+    then refuses argument names that ``cls.__init__`` does not take.
     """
 
     name: str
@@ -302,6 +351,7 @@ class ModuleType:
     build: Callable[[dict[str, Any], dict[str, nn.Module]], nn.Module]
     cls: type | None = None
     container: bool = False
+    init_args: bool = False
 
 
 _REGISTRY: dict[str, ModuleType] = {}
@@ -314,13 +364,14 @@ def register_module_type(
     *,
     cls: type | None = None,
     container: bool = False,
+    init_args: bool = False,
 ) -> None:
     """Teach :func:`save_model`/:func:`load_model` a module type.
 
     ``cls`` is matched exactly (a subclass is a different type); without it, any class whose
     ``__name__`` equals ``name`` matches.  Registering a name again replaces the entry.
     """
-    _REGISTRY[name] = ModuleType(name, describe, build, cls, container)
+    _REGISTRY[name] = ModuleType(name, describe, build, cls, container, init_args)
 
 
 def _jsonable(value: Any) -> Any:
@@ -371,7 +422,9 @@ def _layernorm_args(m: nn.Module) -> dict[str, Any]:
 
 
 def _simple(cls: type, describe: Callable[[nn.Module], dict[str, Any]]) -> None:
-    register_module_type(cls.__name__, describe, lambda args, children, _c=cls: _c(**args), cls=cls)
+    register_module_type(
+        cls.__name__, describe, lambda args, children, _c=cls: _c(**args), cls=cls, init_args=True
+    )
 
 
 def _register_builtins() -> None:
@@ -471,23 +524,22 @@ def _describe(module: nn.Module, path: str) -> dict[str, Any]:
     return desc
 
 
-def _build(desc: Mapping[str, Any], path: str) -> nn.Module:
-    if not isinstance(desc, Mapping) or "type" not in desc:
-        raise ModelError(f"architecture entry for {path!r} is malformed: {desc!r}")
+def _build(desc: Mapping[str, Any], path: str, depth: int = 1) -> nn.Module:
+    """Rebuild one described module; its JSON is checked first (it may come from anyone)."""
+    type_name, args, child_descs = checks.check_description(desc, path, depth)
     _register_kfe_bottleneck()
-    entry = _REGISTRY.get(desc["type"])
+    entry = _REGISTRY.get(type_name)
     if entry is None:
-        raise ModelError(
-            f"architecture entry for {path!r} has unknown module type {desc['type']!r}"
-        )
+        raise ModelError(f"architecture entry for {path!r} has unknown module type {type_name!r}")
+    checks.check_args(args, entry.cls if entry.init_args else None, path)
     children = {
-        name: _build(child, f"{path}.{name}" if path else name)
-        for name, child in desc.get("children", {}).items()
+        name: _build(child, f"{path}.{name}" if path else name, depth + 1)
+        for name, child in child_descs.items()
     }
     try:
-        return entry.build(dict(desc.get("args", {})), children)
+        return entry.build(dict(args), children)
     except Exception as exc:
-        raise ModelError(f"cannot rebuild {desc['type']} at {path!r}: {exc}") from exc
+        raise ModelError(f"cannot rebuild {type_name} at {path!r}: {exc}") from exc
 
 
 def _same_config(a: nn.Module, b: nn.Module) -> bool:
@@ -611,7 +663,9 @@ def _set_attributes(model: nn.Module, attributes: Mapping[str, Mapping[str, int]
         except AttributeError as exc:
             raise ModelError(f"architecture.json sets attributes of missing {path!r}") from exc
         for attr, value in values.items():
-            if attr not in HEAD_ATTRIBUTES or not isinstance(value, int):
+            # Only head counts the module already has: nothing else may be (re)set from a file.
+            current = getattr(module, attr, None)
+            if attr not in HEAD_ATTRIBUTES or type(value) is not int or type(current) is not int:
                 raise ModelError(f"architecture.json: attribute {path}.{attr}={value!r} refused")
             setattr(module, attr, value)
 
@@ -637,30 +691,47 @@ def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
             param = model.get_parameter(source)
         except AttributeError as exc:
             raise ModelError(f"architecture.json ties {name!r} to missing {source!r}") from exc
+        checks.check_tie(owner, attr, name)  # a parameter slot, never `forward` & co.
         setattr(owner, attr, param)
 
 
 def _apply(
-    base: nn.Module, modules: Mapping[str, Any], tied: Mapping[str, str] | None = None
+    base: nn.Module | None,
+    modules: Mapping[str, Any],
+    tied: Mapping[str, str] | None = None,
+    built: Callable[[nn.Module], object] | None = None,
 ) -> nn.Module:
-    """Swap the described modules into ``base`` (shallow paths first), then re-tie weights."""
+    """Swap the described modules into ``base`` (shallow paths first), then re-tie weights.
+
+    ``base`` may be ``None`` when the root itself is described; ``built`` sees each new module.
+    """
     root = base
+
+    def build(desc: Mapping[str, Any], path: str) -> nn.Module:
+        new = _build(desc, path)
+        if built is not None:
+            built(new)
+        return new
+
     for path in sorted(modules, key=lambda p: (p.count(".") if p else -1, p)):
         desc = modules[path]
+        checks.check_path(path, "module", root=True)
         if path == "":
             if desc is None:
                 raise ModelError("architecture.json removes the root module")
-            root = _build(desc, path)
+            root = build(desc, path)
             continue
+        if root is None:
+            raise ModelError("architecture.json: no base model to apply the modules to")
         parent_path, _, name = path.rpartition(".")
         try:
             parent = root.get_submodule(parent_path) if parent_path else root
         except AttributeError as exc:
             raise ModelError(f"architecture.json names {path!r}, whose parent is missing") from exc
-        if desc is None:
-            setattr(parent, name, None)
-        else:
-            setattr(parent, name, _build(desc, path))
+        checks.check_slot(parent, name, path, remove=desc is None)
+        setattr(parent, name, None if desc is None else build(desc, path))
+    if root is None:
+        raise ModelError("architecture.json: no base model to apply the modules to")
     _retie(root, tied or {})
     return root
 
@@ -675,9 +746,11 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     The description is checked before anything is written: rebuilding it must reproduce the
     model's state_dict keys and shapes, so a file that will not load is never produced.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_model as st_save_model
 
     spec = _get_spec(model)
+    checks.check_base(spec)  # what load_model would refuse is never written
     base = _build_base_quietly(spec)
     doc = describe_architecture(model, base)
     with torch.random.fork_rng(devices=[]):  # new modules' init must not move the caller's RNG
@@ -693,13 +766,23 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     with _atomic_target(out / WEIGHTS_FILE) as tmp:
-        st_save_model(model, str(tmp), metadata={"format": "pt"})
+        try:
+            st_save_model(model, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as exc:  # its I/O errors are not OSError: a full disk is
+            if "os error 28" in str(exc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from exc
+            raise
     atomic_write_json(out / ARCHITECTURE_FILE, doc, sort_keys=False)
     return out
 
 
 def load_model(path: str | os.PathLike[str]) -> nn.Module:
-    """Rebuild a model saved by :func:`save_model` and load its weights strictly (on CPU)."""
+    """Rebuild a model saved by :func:`save_model` and load its weights strictly (on CPU).
+
+    The directory may come from anyone: the description is checked as data, rebuilt on the
+    meta device and matched against the weights file's header (names, shapes, bytes) before
+    anything is built for real (:mod:`.model_file_checks`).
+    """
     from safetensors import SafetensorError
 
     p = Path(path)
@@ -709,27 +792,41 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
     for f in (arch_file, weights_file):
         if not f.is_file():
             raise ModelError(f"model file {f} not found; expected a directory from save_model")
+    doc = checks.read_architecture(
+        arch_file, model_format=MODEL_FORMAT, version=MODEL_FORMAT_VERSION
+    )
+    spec = doc["base"]
+    header = limits.read_weights_header(weights_file)
+    new_root = doc["modules"].get("") is not None  # then the base is never built for real
+    sizes: list[int] = []
+
+    def rebuild(
+        base: nn.Module | None, built: Callable[[nn.Module], object] | None = None
+    ) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # new modules' init must not move the RNG
+            try:
+                model = _apply(base, doc["modules"], doc["tied"], built)
+                _set_attributes(model, doc["attributes"])
+            except ModelError as exc:
+                raise ModelError(f"{arch_file}: {exc}") from exc
+        return model
+
+    def rebuild_on_meta() -> nn.Module:
+        sizes.clear()
+        base = _build_base_quietly(spec)
+        sizes.append(limits.module_bytes(base))
+        return rebuild(base, lambda m: sizes.append(limits.module_bytes(m)))
+
+    meta = limits.on_meta(rebuild_on_meta)
+    limits.check_weights(meta, header, weights_file)
     try:
-        doc = json.loads(arch_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {arch_file}: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:
-        raise ModelError(f"{arch_file} is not an eigendamage model description")
-    if doc.get("version") != MODEL_FORMAT_VERSION:
-        raise ModelError(
-            f"{arch_file} has format version {doc.get('version')!r}; this eigendamage reads "
-            f"version {MODEL_FORMAT_VERSION}"
-        )
-    spec = doc.get("base")
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ModelError(f"{arch_file}: 'base' must be a create_model spec with a 'name'")
-    base = _build_base_quietly(spec)
-    with torch.random.fork_rng(devices=[]):  # new modules' init must not move the caller's RNG
-        try:
-            model = _apply(base, doc.get("modules") or {}, doc.get("tied") or {})
-            _set_attributes(model, doc.get("attributes") or {})
-        except ModelError as exc:
-            raise ModelError(f"{arch_file}: {exc}") from exc
+        # The base is bounded even when replaced: the model's spec names it, and `bench
+        # latency` or `compare` rebuild it from there.
+        limits.check_sizes(weights_file, sizes[0], sum(sizes[1:]), meta, spec["name"])
+    except ModelError as exc:
+        raise ModelError(f"{arch_file}: {exc}") from exc
+    del meta
+    model = rebuild(None if new_root else _build_base_quietly(spec))
     try:
         _load_weights(model, weights_file)
     except (RuntimeError, SafetensorError, OSError) as exc:
@@ -813,7 +910,8 @@ def load_model_file(
     code.  They load only with ``allow_pickle``: a whole pickled module with
     ``torch.load(weights_only=False)``, or -- when ``build`` makes the architecture (the
     ``--model`` name) -- a state_dict with ``weights_only=True``.  A pickled module must
-    come from ``create_model`` so that its pruned result can be saved pickle-free.
+    come from ``create_model`` so that its pruned result can be saved pickle-free.  Loading
+    one logs a warning naming the file (the ``eigendamage`` logger; the CLI prints it).
     """
     p = Path(path)
     if not p.exists():
@@ -881,4 +979,9 @@ def load_model_file(
             f"checkpoint {p} holds a {type(obj).__name__} not made by eigendamage's model "
             "registry; save its state_dict instead and pass --model NAME"
         )
+    # Said once the model is in use (a failed load is one `error:` line already); a state_dict
+    # read above went through torch's tensors-only unpickler, which runs no code.
+    logging.getLogger("eigendamage").warning(
+        "--allow-pickle: unpickling %s runs any code it holds", p
+    )
     return obj

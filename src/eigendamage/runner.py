@@ -1,27 +1,25 @@
 """Jobs behind the CLI: train a model, prune it, and the default demo.
 
-Each job writes into its own directory: ``config.json`` (resolved), ``environment.json``
+Each job writes into its own directory (:mod:`eigendamage.run_dir` owns it: locking,
+``--force``, what a failure leaves): ``config.json`` (resolved), ``environment.json``
 (versions, git commit, device), ``metrics.json`` and the model (``model/``: safetensors +
-JSON).  Three rules make the directories trustworthy:
+JSON).  Two rules of the jobs themselves make the directories trustworthy:
 
 * **validate first**: config, data, device, model and method are checked (and the model
   loaded and run on one batch) before the directory is created, so bad input leaves
-  nothing behind; a user error in the first round/epoch removes the new directory again.
+  nothing behind;
 * **checkpoint at boundaries**: training checkpoints every epoch, pruning every round and
   every fine-tuning epoch, all atomically; ``resume=True`` continues from the last
   finished boundary and, on CPU with a fixed seed, ends bit-identical to an uninterrupted
   run.  ``metrics.json`` is written last: its presence means the run is complete.
-* ``force`` replaces a previous run's own files (:data:`RUN_FILES`) and nothing else.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,40 +27,59 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FineTuneConfig, PruneConfig, TrainConfig, config_to_dict
+from .config import FineTuneConfig, PruneConfig, TrainConfig
 from .data import Loaders, make_loaders
-from .distributed import init_from_env, is_main, on_main, only_main
-from .errors import ConfigError, DataError, EigenDamageError, ModelError, unknown_name
-from .io import (
-    CheckpointError,
-    atomic_write_json,
-    check_output_dir,
-    load_model,
-    load_model_file,
-    remove_stale_temp_files,
-    save_model,
-)
+from .distributed import is_main, on_main, only_main
+from .errors import ConfigError, DataError, ModelError, unknown_name
+from .io import CheckpointError, atomic_write_json, load_model, load_model_file, save_model
 from .measure import Counts, count, reduction
 from .models import create_model
 from .pruner import PruneResult, RoundInfo, available_methods, run_pruning
-from .seeding import environment_info, seed_everything
+from .run_dir import (
+    METRICS_FILE,
+    MODEL_DIR,
+    PREVIOUS_RUN,
+    ROUNDS_DIR,
+    RUN_FILES,
+    SETTING_ASIDE,
+    SOURCE_FILE,
+    STATE_FILE,
+    TRAIN_CHECKPOINT,
+    Log,
+    Run,
+    claimed,
+    finished_metrics,
+    source_digest,
+    write_run_files,
+)
+from .seeding import seed_everything
 from .train import evaluate, model_logits, recalibrate_bn, reseed_loader, train
 
-Log = Callable[[str], None]
-ROUNDS_DIR = "rounds"
-STATE_FILE = "state.json"
-TRAIN_CHECKPOINT = "train_checkpoint.pt"
-CONFIG_FILE = "config.json"
-ENVIRONMENT_FILE = "environment.json"
-METRICS_FILE = "metrics.json"
-MODEL_DIR = "model"
-RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, MODEL_DIR, ROUNDS_DIR, TRAIN_CHECKPOINT)
+__all__ = [
+    "METRICS_FILE",
+    "MODEL_DIR",
+    "PREVIOUS_RUN",
+    "RUN_FILES",
+    "SETTING_ASIDE",
+    "TRAIN_CHECKPOINT",
+    "Log",
+    "finished_metrics",
+    "resolve_device",
+    "run_prune",
+    "run_train",
+    "summary_rows",
+]
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device {device!r} asked for, but this torch has no usable MPS (Apple GPU) "
+            "backend here; use --device cpu"
+        )
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {device!r} asked for, but CUDA is not available here; use --device cpu"
@@ -87,76 +104,6 @@ def _absolute_paths(cfg: Any) -> Any:
         if isinstance(value := getattr(cfg, key, None), str)
     }
     return cfg.model_copy(update=update)
-
-
-# --------------------------------------------------------------------------- run directories
-
-
-def finished_metrics(out: Path) -> dict[str, Any] | None:
-    """The metrics of a complete run in ``out`` (written last), or None."""
-    path = out / METRICS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); delete it to redo the run") from exc
-
-
-def _has_checkpoint(out: Path) -> bool:
-    rounds = out / ROUNDS_DIR
-    return (out / TRAIN_CHECKPOINT).is_file() or (rounds.is_dir() and any(rounds.iterdir()))
-
-
-def _remove_run_files(out: Path) -> None:
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-
-@contextlib.contextmanager
-def _run_dir(out: Path, *, force: bool, resume: bool) -> Iterator[None]:
-    """The run directory, created only now that the inputs are validated.
-
-    On a user error (:class:`EigenDamageError`) a directory this run created is removed
-    again unless a checkpoint already makes it worth resuming; then the error says so.
-    """
-    if not is_main():  # rank 0 owns the directory; the others only read from it
-        yield out
-        return
-    existed = out.exists()
-    if existed and force and not resume:
-        _remove_run_files(out)  # stale checkpoints must never be "resumed" by a new run
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        remove_stale_temp_files(out)
-    try:
-        yield
-    except EigenDamageError as exc:
-        if _has_checkpoint(out):
-            exc.args = (f"{exc} (finished work kept: fix the cause and use --resume {out})",)
-        elif not existed:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _write_run_files(out: Path, cfg: Any, device: torch.device, resume: bool) -> None:
-    """``config.json`` once; ``environment.json`` per start (resumes are appended)."""
-    env = {**environment_info(), "device": str(device)}
-    env_file = out / ENVIRONMENT_FILE
-    if resume and env_file.is_file():
-        try:
-            first = json.loads(env_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            first = {}
-        first.setdefault("resumed", []).append(env)
-        env = first
-    if not resume or not (out / CONFIG_FILE).is_file():
-        atomic_write_json(out / CONFIG_FILE, config_to_dict(cfg))
-    atomic_write_json(env_file, env)
 
 
 # --------------------------------------------------------------------------- checks
@@ -245,21 +192,6 @@ def _check_prunable(model: nn.Module, method: str, input_shape: tuple[int, ...])
 # --------------------------------------------------------------------------- train
 
 
-def _start_run(
-    out: str | Path, force: bool, resume: bool, log: Log, progress: bool
-) -> tuple[Path, Log, bool, dict[str, Any] | None]:
-    """Join torchrun's process group when launched by it (a no-op otherwise); rank 0 alone
-    logs, shows progress and judges the output directory, and every rank gets its verdict.
-    Returns ``(out_dir, log, progress, metrics of an already finished run or None)``."""
-    init_from_env()
-    log, progress = only_main(log), progress and is_main()
-    out_dir = on_main(check_output_dir, out, force=force, resume=resume)
-    done = finished_metrics(out_dir) if resume else None
-    if done is not None:
-        log(f"run {out_dir} is already finished")
-    return out_dir, log, progress, done
-
-
 def _write_result(out_dir: Path, model: nn.Module, metrics: dict[str, Any]) -> None:
     """The finished run: the model, then the metrics (whose presence marks it finished)."""
     save_model(model.cpu(), out_dir / MODEL_DIR)
@@ -276,9 +208,12 @@ def run_train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` from scratch; epoch checkpoints allow resume."""
-    out_dir, log, progress, done = _start_run(out, force, resume, log, progress)
-    if done is not None:
-        return done
+    with claimed(out, force, resume, log, progress) as run:
+        return run.done if run.done is not None else _train(cfg, run)
+
+
+def _train(cfg: TrainConfig, run: Run) -> dict[str, Any]:
+    out_dir, log, progress, resume = run.out_dir, run.log, run.progress, run.resume
     cfg = _absolute_paths(cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -286,8 +221,8 @@ def run_train(
     spec = loaders.spec
     model = create_model(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
     _check_forward(model, loaders, f"model {cfg.model!r}", cfg.dataset)
-    with _run_dir(out_dir, force=force, resume=resume):
-        only_main(_write_run_files)(out_dir, cfg, device, resume)
+    with run.started():
+        only_main(write_run_files)(out_dir, cfg, device, resume)
         start = time.perf_counter()
         history = train(
             model,
@@ -380,7 +315,9 @@ def _last_finished_round(out_dir: Path) -> tuple[int, dict[str, Any]]:
         ) from exc
 
 
-def _source_model(cfg: PruneConfig, num_classes: int, in_channels: int, log: Log) -> nn.Module:
+def _source_model(
+    cfg: PruneConfig, num_classes: int, in_channels: int, log: Log, allow_pickle: bool
+) -> nn.Module:
     """The model to prune: a checkpoint (safe model dir; state_dict/pickle files on request)
     or, for experiments, an untrained registry model."""
 
@@ -393,7 +330,7 @@ def _source_model(cfg: PruneConfig, num_classes: int, in_channels: int, log: Log
         log(f"warning: pruning an untrained {cfg.model}; pass --checkpoint for a trained one")
         return model
     return load_model_file(
-        cfg.checkpoint, allow_pickle=cfg.allow_pickle, build=build if cfg.model else None
+        cfg.checkpoint, allow_pickle=allow_pickle, build=build if cfg.model else None
     )
 
 
@@ -414,13 +351,20 @@ def run_prune(
     *,
     force: bool = False,
     resume: bool = False,
+    allow_pickle: bool = False,
     log: Log = print,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Prune a model (a registry name, or a directory written by ``save_model``)."""
-    out_dir, log, progress, done = _start_run(out, force, resume, log, progress)
-    if done is not None:
-        return done
+    """Prune a model (a registry name, or a directory written by ``save_model``).
+
+    ``allow_pickle`` lets a legacy ``torch.save`` checkpoint load (unpickling runs its
+    code); it is an argument, never part of ``cfg``, so no file can switch it on."""
+    with claimed(out, force, resume, log, progress) as run:
+        return run.done if run.done is not None else _prune(cfg, run, allow_pickle)
+
+
+def _prune(cfg: PruneConfig, run: Run, allow_pickle: bool) -> dict[str, Any]:
+    out_dir, log, progress, resume = run.out_dir, run.log, run.progress, run.resume
     cfg = _absolute_paths(cfg)
     methods = available_methods()
     if cfg.method not in methods:
@@ -432,10 +376,11 @@ def run_prune(
     loaders = _loaders(cfg)
     spec = loaders.spec
     input_shape = (1, *spec.input_shape)
-    original = _source_model(cfg, spec.num_classes, spec.in_channels, log)
+    original = _source_model(cfg, spec.num_classes, spec.in_channels, log, allow_pickle)
     what = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else f"model {cfg.model!r}"
     _check_forward(original, loaders, what, cfg.dataset)
     _check_prunable(original, cfg.method, input_shape)
+    source = on_main(source_digest, cfg, out_dir, resume, log)
     finished, state = _last_finished_round(out_dir) if resume else (0, {})
     model = original
     if finished:
@@ -445,8 +390,13 @@ def run_prune(
             raise CheckpointError(
                 f"{exc}; delete {out_dir / ROUNDS_DIR / STATE_FILE} to redo all rounds"
             ) from exc
-    with _run_dir(out_dir, force=force, resume=resume):
-        only_main(_write_run_files)(out_dir, cfg, device, resume)
+    with run.started():
+        if source is not None and not (resume and (out_dir / SOURCE_FILE).is_file()):
+            # before config.json: every run that can be resumed has its record
+            only_main(atomic_write_json)(
+                out_dir / SOURCE_FILE, {"checkpoint": cfg.checkpoint, "sha256": source}
+            )
+        only_main(write_run_files)(out_dir, cfg, device, resume)
         original = original.to(device)
         model = model.to(device)
         reference = count(original, input_shape)
@@ -462,9 +412,11 @@ def run_prune(
                 out_dir / ROUNDS_DIR / STATE_FILE,
                 {"finished_rounds": info.round, "before": before_acc, "rounds": rounds_done},
             )
-            # The round is safe in round_k/: its fine-tuning checkpoint is no longer needed.
+            # The round is safe in round_k/: its fine-tuning checkpoint is no longer needed,
+            # nor the run that --force replaced.
             if is_main():
                 _finetune_checkpoint(out_dir, info.round).unlink(missing_ok=True)
+            run.commit()
 
         result = run_pruning(
             model,

@@ -4,17 +4,16 @@ Removing output channel ``c`` of a conv also removes channel ``c`` of the BatchN
 and input channel ``c`` of every consumer; across a residual stage the convs feeding one
 addition share their channels, a concat shifts indices, a flatten expands one channel into
 ``h*w`` Linear inputs and a depthwise conv ties its channels to its input's producer.  The
-graph tracing and index bookkeeping come from torch-pruning's ``DependencyGraph``; this
-module turns its groups into plain data (module *names* and index tensors), so groups
-survive ``deepcopy`` and the removal itself (:mod:`eigendamage.surgery.channels`) needs no
-graph.
+graph tracing and index bookkeeping come from torch-pruning's ``DependencyGraph``; here its
+groups become plain data (module *names* and index tensors), so groups survive ``deepcopy``
+and the removal itself (:mod:`eigendamage.surgery.channels`) needs no graph.
 
 Where torch-pruning falls short, and what is done about it:
 
 * ``build_dependency`` puts the traced model into ``eval()`` mode; we trace a deepcopy.
-* Grouped convs other than depthwise (``groups == in == out``) are pruned wrongly by torch-pruning
-  (``prune_in_channels`` just truncates the kept list per group); every group touching
-  one is skipped (listed in :attr:`ChannelGroups.skipped`) rather than pruned incorrectly.
+* Grouped convs other than depthwise (``groups == in == out``) are pruned wrongly by
+  torch-pruning (``prune_in_channels`` truncates the kept list per group); every group
+  touching one is skipped (:attr:`ChannelGroups.skipped`) rather than pruned incorrectly.
 * Members it cannot see as modules (unwrapped ``nn.Parameter`` s, custom ops, LayerNorm /
   GroupNorm, whose removal we do not verify) make their group skipped, likewise.
 * It has no notion of "the output layer"; we walk back from the graph's sinks to find the
@@ -23,9 +22,8 @@ Where torch-pruning falls short, and what is done about it:
   remove query/key/value rows or output-projection columns are skipped, and each attention
   module an adapter recognises gets one group of its own whose channels are whole heads
   (:mod:`eigendamage.structure.heads`).
-* Models returning HF-style outputs are traced through their logits.
-* It does not see tied parameters (one tensor on several layers): groups touching one are
-  skipped, as pruning would untie them (:mod:`eigendamage.structure.ties`).
+* Models returning HF-style outputs are traced through their logits.  Groups touching a
+  tied parameter are skipped: pruning would untie it (:mod:`eigendamage.structure.ties`).
 """
 
 from __future__ import annotations
@@ -81,8 +79,7 @@ class ChannelGroup:
         )
 
 
-# What torch-pruning raises on graphs it cannot follow (e.g. ShuffleNet's channel shuffle:
-# ZeroDivisionError, Swin: TypeError).
+# What torch-pruning raises on graphs it cannot follow (ShuffleNet: ZeroDivisionError).
 _TRACE_ERRORS = (RuntimeError, TypeError, AttributeError, ValueError, IndexError, ArithmeticError)
 # Warned when its channel-count inference gives up (torchvision Swin-T, Swin V2): the groups
 # built on the guessed counts then expand indices without bound until memory runs out.
@@ -199,8 +196,7 @@ class ChannelGroups:
             if may_hit and hit is not None and not reason:
                 reason = protected[(hit.module, hit.dim)]
             tie = next((tied[m.module] for m in group.members if m.module in tied), None)
-            if tie is not None and not reason:
-                reason = f"tied parameters {tie}: pruning would untie them"
+            reason = reason or (tie and f"tied parameters {tie}: pruning would untie them")
             if reason:
                 skipped[group.id] = reason
             else:

@@ -264,10 +264,14 @@ def test_unreachable_budget_raises(wide) -> None:
         )
 
 
-def test_too_coarse_budget_raises(combo) -> None:
+def test_too_coarse_budget_takes_the_nearest_model_under_it(combo) -> None:
+    """Issue 13: this used to raise "cannot be met"; a budget is now a ceiling."""
     model = combo[0]
-    with pytest.raises(ConfigError, match="one channel apart"):
-        channel_prune(model, None, method="l1", example_inputs=X, target_params=0.5, tolerance=1e-6)
+    _, info = channel_prune(
+        model, None, method="l1", example_inputs=X, target_params=0.5, tolerance=1e-6
+    )
+    before, after = info["params"]
+    assert after <= 0.5 * before and info["target_reached"] == after / before / 0.5
 
 
 def test_cap_and_best_channel_kept(combo) -> None:

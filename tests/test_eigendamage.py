@@ -114,6 +114,34 @@ def test_scores_are_the_obd_damage_in_the_eigenbasis():
     torch.testing.assert_close(quad, s.inputs[i])
 
 
+def test_predicted_loss_is_the_quadratic_model_of_the_whole_weight_change():
+    """The plan's predicted Delta L equals 1/2 tr(dW^T S dW A) of the removed rows and columns
+    together, computed in the dense parameterisation (a weight in a removed row *and* a
+    removed column is counted once)."""
+    model = net().eval()
+    kfe = kfe_of(model, data())
+    rotated = {"9": rotated_layers(model, kfe)["9"]}
+    scores = {"9": direction_scores(rotated["9"], kfe["9"])}
+    plan = plan_pruning(rotated, scores, ratio=0.4, per_layer_cap=1.0)
+    lp, f, basis = plan.layers["9"], rotated["9"], kfe["9"]
+    assert lp.form != "dense" and lp.keep_in.numel() < 48 and lp.keep_out.numel() < 16
+    w = f.core[..., 0].double()
+    kept = torch.zeros_like(w)
+    rows, cols = lp.keep_out[:, None], lp.keep_in[None, :]
+    kept[rows, cols] = w[rows, cols]
+    delta = f.p_out.double() @ (w - kept) @ f.p_in.double()
+    a = f.p_in.T.double() @ torch.diag(basis.A.lam.double()) @ f.p_in.double()
+    s_ = f.p_out.double() @ torch.diag(basis.S.lam.double()) @ f.p_out.T.double()
+    quad = 0.5 * torch.trace(delta.T @ s_ @ delta @ a)
+    dropped_in = torch.ones(48, dtype=torch.bool)
+    dropped_in[lp.keep_in] = False
+    dropped_out = torch.ones(16, dtype=torch.bool)
+    dropped_out[lp.keep_out] = False
+    naive = scores["9"].inputs[dropped_in].sum() + scores["9"].outputs[dropped_out].sum()
+    assert plan.predicted_delta_loss == pytest.approx(float(quad), rel=1e-9)
+    assert plan.predicted_delta_loss < float(naive)  # the overlap is not counted twice
+
+
 def test_global_threshold_prunes_the_lowest_fraction_and_respects_caps():
     model = net().eval()
     kfe = kfe_of(model, data())

@@ -6,7 +6,9 @@ one global threshold (capped per group) -> OBS update (if any) -> physical remov
 The amount to prune is either ``ratio`` (the fraction of prunable channels removed, as the
 paper's "pruning ratio") or a budget ``target_params`` / ``target_flops`` (the fraction of
 the model's parameters / FLOPs KEPT), for which the global threshold is found by bisection
-over the sorted scores.
+over the sorted scores.  Criteria with ``ranking = "layer"`` (``l1``) remove the same
+fraction of every group instead (see :mod:`.criteria.ranking`); ``normalize`` divides each
+layer's scores by their sum before ranking, as the original code's option did.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,12 +25,14 @@ from torch import nn
 from .criteria import ScoreContext, get_criterion
 from .criteria.base import GlobalRanking
 from .criteria.eigendamage import MAX_SIDE
+from .criteria.ranking import layer_fractions, normalized, solve_steps
 from .criteria.weight_level import WEIGHT_METHODS, weight_prune
 from .curvature.factors import KFactors
 from .curvature.hooks import is_plain_layer
 from .curvature.kfac import factor_sides
 from .errors import ConfigError, ModelError
 from .measure import count
+from .prune_checks import check_normalize
 from .structure import ChannelGroups, prune_channels
 from .structure.ties import tied_layers
 from .surgery.channels import apply_weight_update_
@@ -66,20 +70,27 @@ def channel_prune(
     factors: Mapping[str, KFactors] | None = None,
     ignored_layers: Iterable[str] | None = None,
     tolerance: float = 0.01,
+    normalize: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Prune whole channels of ``model`` (untouched) and return ``(smaller model, info)``.
 
     Give exactly one of ``ratio`` / ``target_params`` / ``target_flops``.  No group loses
     more than ``per_layer_cap`` of its channels, and every group keeps at least its
-    best-scoring channel.  Budgets land within ``tolerance`` (relative) of the target or
-    raise :class:`ConfigError`.  ``factors`` (from ``collect_kfac(..., diag=True)`` for
-    c-obd) skips the curvature pass; ``obs_update=False`` skips the OBS compensation.
+    best-scoring channel.  Budgets land within ``tolerance`` (relative) of the target, or
+    on the nearest model under it when channels are too coarse (logged); a target below
+    what the caps allow is a :class:`ConfigError`.  ``factors`` (from
+    ``collect_kfac(..., diag=True)`` for c-obd) skips the curvature pass;
+    ``obs_update=False`` skips the OBS compensation; ``normalize`` divides each layer's
+    scores by their sum (the original code's option; off in the paper's protocol).
 
     ``info``: ``threshold``, ``ratio`` (achieved fraction of channels removed),
     ``removed`` (output channels removed per layer), ``keep`` (per group), ``scores``
-    (per layer), ``group_scores``, ``params``/``flops`` (before, after), ``skipped_groups``
-    (not prunable, with the reason), ``unscored_groups``, ``ignored_layers`` and
-    ``seconds`` (time per stage).
+    (per layer, normalised if asked), ``group_scores``, ``params``/``flops`` (before,
+    after), ``skipped_groups`` (not prunable, with the reason), ``unscored_groups``,
+    ``ignored_layers``, ``seconds`` (time per stage) and, for a budget, ``target_reached``
+    (kept params/FLOPs over the target: 1.0 on target, below 1 under it).  ``threshold``
+    is the highest removed score, or for a per-layer ranking the fraction of every group
+    removed.
     """
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -117,16 +128,20 @@ def channel_prune(
         start = time.perf_counter()
     ctx.factors = factors or {}
     layer_scores = criterion.score(model, ctx)
+    if normalize:
+        layer_scores = normalized(layer_scores)
     group_scores = groups.group_scores(layer_scores)
+    ranked = layer_fractions(group_scores) if criterion.ranking == "layer" else group_scores
     caps = {
         gid: min(math.floor(per_layer_cap * len(s)), len(s) - 1) for gid, s in group_scores.items()
     }
-    ranking = GlobalRanking(group_scores, caps)
+    ranking = GlobalRanking(ranked, caps)
 
     def keep_for(k: int) -> dict[str, torch.Tensor]:
-        return _keep(groups, ranking.removed(k), group_scores)
+        return _keep(groups, ranking.removed(k), ranked)
 
     before = _count(model, example_inputs)
+    reached: dict[str, float] = {}
     if mode == "ratio":
         k = math.floor(target * ranking.total)
     else:
@@ -136,7 +151,8 @@ def channel_prune(
             counts = _count(prune_channels(model, groups, keep_for(k)), example_inputs)
             return counts[index] / before[index]
 
-        k = _bisect(kept_fraction, ranking.total, target, tolerance, mode, per_layer_cap)
+        k, kept = solve_steps(kept_fraction, ranking.total, target, tolerance, mode, per_layer_cap)
+        reached["target_reached"] = kept / target
     seconds["scoring"] = time.perf_counter() - start
     start = time.perf_counter()
     keep = keep_for(k)
@@ -167,6 +183,7 @@ def channel_prune(
         "unscored_groups": [g.id for g in groups if g.id not in group_scores],
         "ignored_layers": list(groups.ignored),
         "seconds": seconds,
+        **reached,
     }
     return pruned, info
 
@@ -199,12 +216,15 @@ def prune_round(
     exclude: set[str],
     seed: int,
     device: torch.device | str | None,
+    normalize: bool = False,
 ) -> tuple[nn.Module, RoundInfo]:
     """One round of a channel method, or of weight-level obd/obs, for ``pruner.run_pruning``.
 
     ``target`` is ``("params" | "flops", absolute count)``; ``exclude`` names layers never
     pruned.  Weight-level methods take a ``ratio`` only (they zero weights, the dense
-    counts do not change) and put the masks into ``detail["masks"]``.
+    counts do not change) and put the masks into ``detail["masks"]`` and the parameters
+    left non-zero (dense count minus the zeros of the pruned layers) into
+    ``detail["params_nonzero"]``.
     """
     from .pruner import RoundInfo
 
@@ -224,6 +244,7 @@ def prune_round(
     if method in WEIGHT_METHODS:
         if target is not None:
             raise ConfigError(f"{method} is weight-level: give a ratio (sparsity), not a budget")
+        check_normalize(method, normalize)
         start = time.perf_counter()
         layers = _weight_layers(model, method, exclude)
         zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in layers)
@@ -238,6 +259,8 @@ def prune_round(
             for n in layers
         )
         detail["total_units"] = total - zeros
+        zeroed = sum(int((pruned.get_submodule(n).weight == 0).sum()) for n in layers)
+        detail["params_nonzero"] = counts[0] - zeroed  # masked now or in an earlier round
         seconds = {"weight_prune": time.perf_counter() - start}
         return pruned, RoundInfo(0, info["sparsity"], counts[0], counts[1], seconds, detail)
     amount: dict[str, float] = {"ratio": ratio}
@@ -250,13 +273,12 @@ def prune_round(
         method=method,
         example_inputs=example,
         ignored_layers=sorted(exclude),
+        normalize=normalize,
         **amount,
         **curvature,
     )
-    detail = {
-        k: info[k]
-        for k in ("threshold", "removed", "removed_channels", "channels", "skipped_groups")
-    }
+    keys = ("threshold", "removed", "removed_channels", "channels", "skipped_groups")
+    detail = {k: info[k] for k in (*keys, "target_reached") if k in info}
     detail["removed_units"], detail["total_units"] = info["removed_channels"], info["channels"]
     return pruned, RoundInfo(
         0, info["ratio"], info["params"][1], info["flops"][1], info["seconds"], detail
@@ -309,43 +331,6 @@ def _keep(
                 mask[m.channel[scores[gid][m.channel].argmax()]] = True
         keep[gid] = mask.nonzero().flatten()
     return keep
-
-
-def _bisect(
-    kept: Callable[[int], float], total: int, target: float, tol: float, what: str, cap: float
-) -> int:
-    """Smallest-error ``k`` with ``kept(k)`` within ``tol`` of ``target``; ``kept`` is
-    non-increasing in ``k`` (see :class:`GlobalRanking`)."""
-    cache: dict[int, float] = {}
-
-    def f(k: int) -> float:
-        if k not in cache:
-            cache[k] = kept(k)
-        return cache[k]
-
-    if f(total) > target * (1 + tol):
-        raise ConfigError(
-            f"target_{what}={target:g} is unreachable with per_layer_cap={cap:g}: at most "
-            f"{1 - f(total):.4f} of the {what} can be removed (kept fraction {f(total):.4f}); "
-            "raise per_layer_cap or the target"
-        )
-    lo, hi = 0, total  # invariant: f(lo) > target >= f(hi), unless f(total) is above target
-    if f(hi) > target:
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if f(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    best = min((lo, hi), key=lambda k: abs(f(k) / target - 1))
-    if abs(f(best) / target - 1) > tol:
-        raise ConfigError(
-            f"target_{what}={target:g} cannot be met within {tol:.0%}: the nearest kept "
-            f"fractions are {f(lo):.4f} and {f(hi):.4f} (one channel apart); the model's "
-            "channels are too coarse for this tolerance"
-        )
-    return best
 
 
 def _count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:

@@ -262,6 +262,11 @@ def prune_cmd(
     fisher: str = typer.Option(None, help="true | empirical"),
     fisher_batches: int = typer.Option(None, help="batches for curvature (default: all)"),
     damping: float = typer.Option(None, help="relative damping of the factors"),
+    normalize: bool = typer.Option(
+        None,
+        "--normalize/--no-normalize",
+        help="channel criteria: divide each layer's scores by their sum (default: off)",
+    ),
     finetune_epochs: int = typer.Option(None, help="fine-tuning epochs per round"),
     finetune_lr: float = typer.Option(None),
     batch_size: int = typer.Option(None),
@@ -291,6 +296,7 @@ def prune_cmd(
         "fisher": fisher,
         "fisher_batches": fisher_batches,
         "damping": damping,
+        "normalize": normalize,
         "finetune.epochs": finetune_epochs,
         "finetune.lr": finetune_lr,
         "batch_size": batch_size,
@@ -308,9 +314,12 @@ def prune_cmd(
         progress=not no_progress,
     )
     from .distributed import is_main
+    from .reported import NONZERO_NOTE, method_label, sparse_params
 
     if is_main():  # under torchrun every rank returns the same metrics: print them once
-        print_table(summary_rows(metrics), title=f"{cfg.method}: {out_dir}")
+        shown = sparse_params(metrics)
+        note = f" ({NONZERO_NOTE})" if shown is not metrics else ""
+        print_table(summary_rows(shown), title=f"{method_label(cfg)}: {out_dir}{note}")
 
 
 @app.command("demo")
@@ -337,13 +346,36 @@ def models_cmd() -> None:
         console.print(name)
 
 
+METHOD_NOTES = {
+    "eigendamage": "EigenDamage: eigen-directions of the K-FAC eigenbasis (the paper)",
+    "eigendamage-dw": "EigenDamage with depthwise-separable cores",
+    "c-obd": "channels: OBD with the exact diagonal Fisher",
+    "c-obs": "channels: OBS per weight under the K-FAC inverse, with update",
+    "kron-obd": "channels: 1/2 S_ii w_i'A w_i (the paper's Kron-OBD)",
+    "kron-obd-orig": "channels: Kron-OBD as the original code scored it",
+    "kron-obs": "channels: row-constrained OBS under A (x) S, joint update",
+    "kron-obs-orig": "channels: Kron-OBS as the original code scored and updated it",
+    "l1": "channels: filter L1 norm, same fraction of every layer (Li et al.)",
+    "random": "channels: seeded random scores",
+    "slimming": "channels: |BatchNorm gamma| (network slimming)",
+    "obd": "weights: OBD under K-FAC (zeroed, shapes kept)",
+    "obs": "weights: OBS under K-FAC with update (zeroed, shapes kept)",
+}
+
+
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the pruning methods."""
+    """List the pruning methods, one per line with a note (docs/method.md has the
+    formulas).  Channel criteria also take --normalize (in compare: NAME+norm)."""
     from .pruner import available_methods
+    from .tp_baselines import TP_METHODS
 
-    for name in available_methods():
-        console.print(name)
+    names = available_methods()
+    width = max(map(len, names))
+    for name in names:
+        note = METHOD_NOTES.get(name) or TP_METHODS.get(name, ("", {}, ""))[2]
+        line = f"{name:<{width}}  {note}".rstrip()
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 # Commands defined in their own modules register themselves on `app` when imported.

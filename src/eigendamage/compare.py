@@ -9,11 +9,14 @@ Layout of the output directory::
     acc_vs_params.png, acc_vs_flops.png
 
 Each run is an ordinary prune run, so a finished one is skipped on resume and a crashed one
-continues from its last round.  A run that fails for a documented reason (an unreachable
-budget, ...) is recorded with its message instead of stopping the other runs.  Latency is
-measured for all models together at the end, so one machine state times them all.  The
-directory is locked for the whole comparison: a second one on the same ``--out`` is
-refused at once.
+continues from its last round.  A method ``NAME+norm`` (or ``normalize`` on the whole
+comparison) is channel criterion ``NAME`` with per-layer score normalisation, labelled so
+in rows, run names and plots: both protocols share one table.  Weight-level obd/obs report
+their non-zero parameters (see :mod:`.reported`).  A run that fails for a documented
+reason (an unreachable budget, ...) is recorded with its message instead of stopping the
+other runs.  Latency is measured for all models together at the end, so one machine state
+times them all.  The directory is locked for the whole comparison: a second one on the
+same ``--out`` is refused at once.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import CompareConfig, PruneConfig, TrainConfig, config_to_dict
+from .config import NORM_SUFFIX, CompareConfig, PruneConfig, TrainConfig, config_to_dict
 from .errors import ConfigError, EigenDamageError, unknown_name
 from .io import (
     atomic_write_bytes,
@@ -39,8 +42,10 @@ from .io import (
 from .measure import measure_latency
 from .models import create_from_spec, default_input_shape
 from .models.registry import SPEC_ATTR
+from .prune_checks import check_normalize
 from .pruner import available_methods
 from .report import plot_tradeoff, write_csv, write_markdown_table
+from .reported import NONZERO_NOTE, method_label, sparse_params
 from .runner import MODEL_DIR, finished_metrics, run_prune, run_train
 
 Log = Callable[[str], None]
@@ -73,7 +78,24 @@ class RunRecord:
 def run_name(cfg: PruneConfig) -> str:
     """Directory name of a run, e.g. ``eigendamage_flops0.5``."""
     field = next(f for f in _BUDGET_LABEL if getattr(cfg, f) is not None)
-    return f"{cfg.method}_{_BUDGET_LABEL[field]}{getattr(cfg, field):g}"
+    return f"{method_label(cfg)}_{_BUDGET_LABEL[field]}{getattr(cfg, field):g}"
+
+
+def _check_methods(cfg: CompareConfig) -> None:
+    """Known methods, ``+norm`` only on channel criteria, and no run listed twice."""
+    known = available_methods()
+    for name in cfg.methods:
+        method = name.removesuffix(NORM_SUFFIX)
+        if method not in known:
+            raise ConfigError(unknown_name("method", name, known))
+        check_normalize(method, name != method)
+    names = [run_name(run) for run in cfg.runs()]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"runs {', '.join(dupes)} are listed twice (normalize=true already adds +norm "
+            "to every channel criterion)"
+        )
 
 
 def run_compare(
@@ -98,10 +120,7 @@ def run_compare(
             f"compare needs a trained model: give a checkpoint, or train {cfg.model} first "
             "(--train-epochs N)"
         )
-    known = available_methods()
-    for method in cfg.methods:
-        if method not in known:
-            raise ConfigError(unknown_name("method", method, known))
+    _check_methods(cfg)
     out_dir = prepare_output_dir(out, force=force, resume=resume)
     with lock_output_dir(out_dir):
         return _compare(cfg, out_dir, train, force, resume, allow_pickle, log, progress)
@@ -259,7 +278,7 @@ def result_rows(reference: nn.Module | None, records: list[RunRecord]) -> list[d
     for record in records:
         field, value = record.budget
         row: dict[str, Any] = {
-            "method": record.config.method,
+            "method": method_label(record.config),
             "budget": f"{_BUDGET_LABEL[field]} {value:g}",
             "rounds": record.config.rounds,
             "run": record.name,
@@ -268,6 +287,7 @@ def result_rows(reference: nn.Module | None, records: list[RunRecord]) -> list[d
         if m is None:
             rows.append({**row, "status": "failed", "error": record.error})
             continue
+        m = sparse_params(m)
         latency = timed[record.name]
         rows.append(
             {
@@ -285,6 +305,7 @@ def result_rows(reference: nn.Module | None, records: list[RunRecord]) -> list[d
                 "last_round_ratio": m["rounds"][-1]["ratio"] if m["rounds"] else None,
                 "prune_s": m["seconds"].get("prune"),
                 "finetune_s": m["seconds"].get("finetune"),
+                **({"note": NONZERO_NOTE} if "params_dense" in m["after"] else {}),
             }
         )
     return rows
@@ -309,6 +330,7 @@ COLUMNS = (
     "finetune_s",
     "run",
     "error",
+    "note",
 )
 
 
@@ -332,7 +354,7 @@ def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             "FLOPs": _fmt(r.get("flops"), ","),
             "latency (ms)": _fmt(r.get("latency_ms"), ".3f"),
             "speed-up": _fmt(r.get("speedup"), ".2f", unit="x"),
-            "note": r.get("error") or "",
+            "note": r.get("error") or r.get("note") or "",
         }
         for r in rows
     ]

@@ -47,6 +47,7 @@ MAX_LIST = 1_000  # methods and budgets in one compare
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 C = TypeVar("C", bound=BaseModel)
+NORM_SUFFIX = "+norm"  # compare: "c-obd+norm" is c-obd with normalize=True
 
 
 class _Strict(BaseModel):
@@ -140,6 +141,10 @@ class _PruneCommon(_Strict):
     damping: float | None = Field(
         default=None, ge=0, le=MAX_RATE, description="relative damping; null = the method's default"
     )
+    normalize: bool = Field(
+        default=False,
+        description="channel criteria: divide each layer's scores by their sum before ranking",
+    )
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: str = "auto"
@@ -194,6 +199,15 @@ class PruneConfig(_PruneCommon):
     @model_validator(mode="after")
     def _one_budget(self) -> PruneConfig:
         _exactly_one(self, ("ratio", "target_params", "target_flops"))
+        if self.normalize:
+            from .prune_checks import check_normalize
+            from .pruner import available_methods
+
+            if self.method in available_methods():  # unknown names: the run names them
+                try:
+                    check_normalize(self.method, True)
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
         return self
 
 
@@ -241,11 +255,26 @@ class CompareConfig(_PruneCommon):
         return "target_params" if self.target_params is not None else "target_flops"
 
     def runs(self) -> list[PruneConfig]:
-        """One PruneConfig per (method, budget), methods outermost, in the given orders."""
+        """One PruneConfig per (method, budget), methods outermost, in the given orders.
+
+        A method named ``NAME+norm`` is ``NAME`` with ``normalize=True``; ``normalize`` set
+        on the comparison normalises every channel criterion (other methods run as they
+        are), so one table can hold both protocols side by side."""
+        from .criteria import CRITERIA
+
         field = self.budget_field()
         values = self.ratios if field == "ratio" else getattr(self, field)
-        common = self.model_dump(exclude={"methods", "ratios", "target_params", "target_flops"})
-        return [PruneConfig(**common, method=m, **{field: v}) for m in self.methods for v in values]
+        common = self.model_dump(
+            exclude={"methods", "ratios", "target_params", "target_flops", "normalize"}
+        )
+        out = []
+        for name in self.methods:
+            method = name.removesuffix(NORM_SUFFIX)
+            norm = name != method or (self.normalize and method in CRITERIA)
+            out += [
+                PruneConfig(**common, method=method, normalize=norm, **{field: v}) for v in values
+            ]
+        return out
 
 
 # --------------------------------------------------------------------------- errors

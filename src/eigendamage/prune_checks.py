@@ -88,6 +88,20 @@ def check_arguments(
         raise ConfigError(f"seed must be an integer, got {seed!r}")
 
 
+def check_normalize(method: str, normalize: bool) -> None:
+    """``normalize`` (each layer's scores over their sum) exists for the channel criteria
+    only: every other method (EigenDamage, obd/obs, tp-*) would silently ignore it."""
+    from .criteria import CRITERIA
+
+    if not isinstance(normalize, bool):
+        raise ConfigError(f"normalize must be True or False, got {normalize!r}")
+    if normalize and method not in CRITERIA:
+        raise ConfigError(
+            f"normalize applies to the channel criteria ({', '.join(sorted(CRITERIA))}), "
+            f"not to {method!r}"
+        )
+
+
 def check_model(model: Any) -> None:
     """A module with parameters: anything else cannot be pruned (and used to fail deep
     inside with a bare ``StopIteration``)."""

@@ -27,6 +27,7 @@ from .criteria.eigendamage import (
     rotated_layers,
     target_policy,
 )
+from .criteria.ranking import solve_ratio
 from .curvature import collect_kfac
 from .curvature.ekfac import kfe_diagonal
 from .curvature.stability import stable_eigendecompose, with_damping_escalation
@@ -35,6 +36,7 @@ from .measure import Counts, count
 from .prune_checks import (
     check_arguments,
     check_model,
+    check_normalize,
     excluded_roots,
     expand_excluded,
     infer_input_shape,
@@ -80,8 +82,9 @@ class PruneResult:
 def available_methods() -> list[str]:
     from .criteria import CRITERIA
     from .criteria.weight_level import WEIGHT_METHODS
+    from .tp_baselines import TP_METHODS
 
-    return sorted({*EIGEN_METHODS, *CRITERIA, *WEIGHT_METHODS})
+    return sorted({*EIGEN_METHODS, *CRITERIA, *WEIGHT_METHODS, *TP_METHODS})
 
 
 def default_damping(method: str) -> float:
@@ -120,6 +123,7 @@ def run_pruning(
     on_round: Callable[[nn.Module, RoundInfo], None] | None = None,
     before_round: Callable[[int], None] | None = None,
     eigenvalues: str = "kfac",
+    normalize: bool = False,
 ) -> PruneResult:
     """Prune with ``method`` over ``rounds`` rounds; ``model`` itself is not modified.
 
@@ -143,7 +147,8 @@ def run_pruning(
     the ``reference`` counts of the original model; ``on_round(model, info)`` is called after
     each finished round (pruned and fine-tuned), ``before_round(round)`` before its curvature
     pass (e.g. to reseed the loader).  Weight-level methods (obd/obs) keep their zeros
-    through fine-tuning: the pruned weights' gradients are masked.
+    through fine-tuning: the pruned weights' gradients are masked.  ``normalize`` (channel
+    criteria only) divides each layer's scores by their sum before the global ranking.
     """
     methods = available_methods()
     if method not in methods:
@@ -163,6 +168,7 @@ def run_pruning(
         start_round=start_round,
     )
     check_model(model)
+    check_normalize(method, normalize)
     if damping is None:
         damping = default_damping(method)
     say = log or logger.warning
@@ -205,9 +211,14 @@ def run_pruning(
             pruned, info = eigendamage_dw_round(current, loader, eigenvalues=eigenvalues, **common)
         elif method in EIGEN_METHODS:
             pruned, info = eigendamage_round(current, loader, eigenvalues=eigenvalues, **common)
+        elif method.startswith("tp-"):  # Torch-Pruning's criteria through its own pruner
+            from .tp_baselines import tp_round
+
+            pruned, info = tp_round(current, loader, method=method, **common)
         else:
             from .channel_pruner import prune_round
 
+            common["normalize"] = normalize  # channel criteria only (check_normalize)
             step = partial(prune_round, current, loader, method=method, **common)
             pruned, info = with_damping_escalation(step, damping)
         if info.detail.get("removed_units", 1) == 0:
@@ -347,50 +358,13 @@ def eigendamage_round(
     timings["surgery"] = time.perf_counter() - t0
     counts = count(pruned, input_shape)
     detail = {
+        **({"target_reached": getattr(counts, target[0]) / target[1]} if target else {}),
         "threshold": plan.threshold,
         "pruned_directions": plan.pruned_directions,
         "total_directions": plan.total_directions,
         "removed_units": plan.pruned_directions,
         "total_units": plan.total_directions,
+        "predicted_delta_loss": plan.predicted_delta_loss,
         "forms": {n: lp.form for n, lp in plan.layers.items()},
     }
     return pruned, RoundInfo(0, ratio, counts.params, counts.flops, timings, detail)
-
-
-def solve_ratio(
-    build: Callable[[float], nn.Module],
-    target: tuple[str, float],
-    input_shape: tuple[int, ...],
-    *,
-    tolerance: float = 0.01,
-    max_ratio: float = 0.999,
-    steps: int = 30,
-) -> float:
-    """Bisection on the pruning ratio until params/FLOPs are within ``tolerance`` (relative)
-    of the target count; a clear error when the caps make the target unreachable."""
-    metric, goal = target
-
-    def measure(r: float) -> float:
-        return getattr(count(build(r), input_shape), metric)
-
-    lo, hi = 0.0, max_ratio
-    at_hi = measure(hi)
-    if at_hi > goal * (1 + tolerance):
-        raise ConfigError(
-            f"target {metric} {goal:,.0f} is unreachable: pruning as far as the per-layer cap "
-            f"allows leaves {at_hi:,.0f}; raise per_layer_cap or use more rounds"
-        )
-    best_r, best_err = hi, abs(at_hi - goal) / goal
-    for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        value = measure(mid)
-        err = abs(value - goal) / goal
-        if err < best_err:
-            best_r, best_err = mid, err
-        if err <= tolerance:
-            return mid
-        if value > goal:
-            lo = mid
-        else:
-            hi = mid
-    return best_r

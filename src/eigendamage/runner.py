@@ -432,6 +432,7 @@ def _prune(cfg: PruneConfig, run: Run, allow_pickle: bool) -> dict[str, Any]:
             fisher_batches=cfg.fisher_batches,
             fisher_samples=cfg.fisher_samples,
             damping=cfg.damping,
+            normalize=cfg.normalize,
             seed=cfg.seed,
             device=device,
             log=log,

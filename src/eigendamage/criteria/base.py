@@ -21,6 +21,7 @@ from ..curvature.factors import KFactors
 from ..errors import ConfigError, unknown_name
 
 NEEDS = frozenset({"kfac", "diag", "bn"})
+RANKINGS = ("global", "layer")
 
 
 @dataclass
@@ -41,10 +42,16 @@ class ScoreContext:
 
 
 class ChannelCriterion(ABC):
-    """Base class: ``name``, ``needs`` (subset of {"kfac", "diag", "bn"}), ``score``, ``update``."""
+    """Base class: ``name``, ``needs`` (subset of {"kfac", "diag", "bn"}), ``score``, ``update``.
+
+    ``ranking``: ``"global"`` (one threshold over all layers' scores: the Hessian criteria,
+    whose scores share one unit) or ``"layer"`` (every layer loses the same fraction, its
+    own lowest: for saliencies that are not comparable across layers, as in Li et al.).
+    """
 
     name: str = ""
     needs: frozenset[str] = frozenset()
+    ranking: str = "global"
 
     @abstractmethod
     def score(self, model: nn.Module, ctx: ScoreContext) -> dict[str, torch.Tensor]:
@@ -68,6 +75,8 @@ def register(criterion: ChannelCriterion) -> ChannelCriterion:
     """Add ``criterion`` to :data:`CRITERIA` under its name."""
     if not criterion.needs <= NEEDS:
         raise ValueError(f"criterion {criterion.name!r}: unknown needs {criterion.needs - NEEDS}")
+    if criterion.ranking not in RANKINGS:
+        raise ValueError(f"criterion {criterion.name!r}: ranking must be one of {RANKINGS}")
     CRITERIA[criterion.name] = criterion
     return criterion
 

@@ -16,7 +16,11 @@ layer is ``F ~= A (x) S`` so that the quadratic loss increase of a change ``D`` 
   ``kron-obd-orig`` for reproduction only.
 * Kron-OBS: ``1/2 w_i^T A w_i / [S^-1]_ii``: ``q`` after the best update of the other rows
   (row-constrained OBS); for a removed row set ``P`` the joint optimum is
-  ``D = -S^-1[:, P] ([S^-1]_PP)^-1 W_P`` (independent of ``A``).
+  ``D = -S^-1[:, P] ([S^-1]_PP)^-1 W_P`` (independent of ``A``).  A deliberate departure
+  from the original code, which scored ``sum_j ((W o W) A)_ij / [S^-1]_ii`` (the same
+  elementwise form as its Kron-OBD, again not ``q`` of anything) and summed the
+  single-row updates ``-S^-1[:, p] w_p / [S^-1]_pp``; both are ``kron-obs-orig``, with the
+  original's undamped ``A`` (``S^-1`` is damped as everywhere here).
 
 Inverses are of the damped factors ``M + gamma I``, ``gamma = damping * mean(diag M)`` per
 factor (per group for grouped convs, like ``curvature.eigen.damped``), by Cholesky in
@@ -195,6 +199,30 @@ class KronOBS(_KFACCriterion):
         return out
 
 
+class KronOBSOrig(_KFACCriterion):
+    """Kron-OBS as the original code computed it: ``1/2 sum_j ((W o W) A)_ij / [S^-1]_ii``,
+    and the sum of the single-row OBS updates (not the joint optimum); for reproduction."""
+
+    name = "kron-obs-orig"
+
+    def _score(self, w, f, damping, name):
+        a, s = factor_blocks(f)
+        s_inv = damped_inverse(s, damping, f"layer {name!r}: factor S")
+        return 0.5 * ((w * w) @ a).sum(-1) / s_inv.diagonal(dim1=-2, dim2=-1)
+
+    def update(self, model, ctx, pruned):
+        out = {}
+        for name, rows in pruned.items():
+            f = require_factors(ctx, name, self.name)
+            w = layer_matrix(model.get_submodule(name), f)
+            _, s = factor_blocks(f)
+            s_inv = damped_inverse(s, ctx.damping, f"layer {name!r}: factor S")
+            coef = torch.where(_rows(rows, w)[..., None], w, 0.0)
+            coef = coef / s_inv.diagonal(dim1=-2, dim2=-1)[..., None]
+            out[name] = (-(s_inv @ coef)).reshape(-1, w.shape[-1])
+        return out
+
+
 def kron_obs_update(w: torch.Tensor, s_inv: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     """``-S^-1[:, P] ([S^-1]_PP)^-1 W_P`` per group block: the exact minimiser of ``q(D)``
     over ``D`` with ``D_P = -W_P`` (rows ``P`` forced to zero)."""
@@ -208,5 +236,5 @@ def kron_obs_update(w: torch.Tensor, s_inv: torch.Tensor, removed: torch.Tensor)
     return delta
 
 
-for _cls in (COBD, COBS, KronOBD, KronOBDOrig, KronOBS):
+for _cls in (COBD, COBS, KronOBD, KronOBDOrig, KronOBS, KronOBSOrig):
     register(_cls())

@@ -63,6 +63,7 @@ class LayerScores:
 
     inputs: torch.Tensor
     outputs: torch.Tensor
+    per_weight: torch.Tensor | None = None  # (d_out, d_in): the removed loss, exactly
 
 
 @dataclass
@@ -82,6 +83,7 @@ class EigenDamagePlan:
     threshold: float = 0.0
     pruned_directions: int = 0
     total_directions: int = 0
+    predicted_delta_loss: float = 0.0  # sum of Delta L of every core weight removed
 
 
 def rotated_layers(model: nn.Module, kfe: dict[str, KFE]) -> dict[str, Factored]:
@@ -99,7 +101,7 @@ def direction_scores(rotated: Factored, basis: KFE) -> LayerScores:
         fisher = fisher.unsqueeze(-1)
     damage = 0.5 * rotated.core.square() * fisher  # (d_out, d_in, K)
     per_weight = damage.sum(-1)
-    return LayerScores(inputs=per_weight.sum(0), outputs=per_weight.sum(1))
+    return LayerScores(inputs=per_weight.sum(0), outputs=per_weight.sum(1), per_weight=per_weight)
 
 
 def plan_pruning(
@@ -145,6 +147,9 @@ def plan_pruning(
             current = form_params(f, "dense")
         else:
             current = form_params(kept, form)
+            if s.per_weight is not None:  # rows and columns overlap: count each weight once
+                kept_loss = s.per_weight[sides[1]][:, sides[0]].sum()
+                plan.predicted_delta_loss += float(s.per_weight.sum() - kept_loss)
         plan.layers[name] = LayerPlan(sides[0], sides[1], form, dense, current)
         plan.pruned_directions += (
             s.inputs.numel() - sides[0].numel() + s.outputs.numel() - sides[1].numel()

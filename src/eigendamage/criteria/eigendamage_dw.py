@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from ..measure import count
-from ..pruner import RoundInfo, solve_ratio
+from ..pruner import RoundInfo
 from ..surgery.eigenbasis import (
     Factored,
     KFEBottleneck,
@@ -45,6 +45,7 @@ from .eigendamage import (
     _keep_indices,
     plan_pruning,
 )
+from .ranking import solve_ratio
 
 CP_ITERATIONS = 50  # on trained digits-vgg cores, 100 sweeps lower the error by < 0.006
 TOLERANCE = 0.01  # relative, for params/FLOPs budgets

@@ -163,13 +163,17 @@ def test_unknown_dataset_name_is_config_error_with_hint():
     with pytest.raises(ConfigError, match=r"unknown dataset 'cifar11'.*'cifar10'"):
         get_datasets("cifar11")
     with pytest.raises(ConfigError, match="unknown dataset"):
-        make_loaders("mnist")
+        make_loaders("svhn")
 
 
 def test_dataset_name_aliases():
     assert canonical_name("CIFAR_10") == "cifar10"
     assert canonical_name("Tiny_ImageNet") == "tiny-imagenet"
-    assert set(DATASETS) == {"digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder"}
+    assert canonical_name("FMNIST") == "fashion-mnist"
+    assert set(DATASETS) == {
+        "digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder",
+        "mnist", "fashion-mnist", "idx",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "tiny-imagenet", "imagefolder"])

@@ -203,7 +203,9 @@ def _run_config(
 @friendly_errors
 def train_cmd(
     model: str = typer.Option(None, help="model name (see `eigendamage models`)"),
-    data: str = typer.Option(None, "--data", help="dataset: digits, cifar10, cifar100, ..."),
+    data: str = typer.Option(
+        None, "--data", help="digits, cifar10, cifar100, fashion-mnist, mnist, idx, ..."
+    ),
     data_root: str = typer.Option(None, help="folder holding the dataset files"),
     epochs: int = typer.Option(None),
     lr: float = typer.Option(None),
@@ -251,7 +253,9 @@ def prune_cmd(
         help="load a legacy torch.save --checkpoint (unpickling runs its code: trust it!); "
         "never stored in the run: give it again with --resume",
     ),
-    data: str = typer.Option(None, "--data", help="dataset: digits, cifar10, cifar100, ..."),
+    data: str = typer.Option(
+        None, "--data", help="digits, cifar10, cifar100, fashion-mnist, mnist, idx, ..."
+    ),
     data_root: str = typer.Option(None, help="folder holding the dataset files"),
     method: str = typer.Option(None, help="eigendamage, c-obd, c-obs, kron-obd, kron-obs, ..."),
     ratio: float = typer.Option(None, help="fraction of units removed per round"),

@@ -40,7 +40,9 @@ def compare_cmd(
         help="load a legacy torch.save --checkpoint (unpickling runs its code: trust it!); "
         "never stored: give it again with --resume",
     ),
-    data: str = typer.Option(None, "--data", help="dataset: digits, cifar10, cifar100, ..."),
+    data: str = typer.Option(
+        None, "--data", help="digits, cifar10, cifar100, fashion-mnist, mnist, idx, ..."
+    ),
     data_root: str = typer.Option(None, help="folder holding the dataset files"),
     methods: str = typer.Option(None, help="comma-separated methods (default: all)"),
     ratios: str = typer.Option(None, help="comma-separated pruning ratios, e.g. 0.3,0.5,0.7"),

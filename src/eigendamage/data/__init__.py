@@ -1,4 +1,5 @@
-"""Datasets for pruning experiments: digits (built in), CIFAR-10/100, Tiny-ImageNet, ImageFolder.
+"""Datasets for pruning experiments: digits (built in), MNIST, Fashion-MNIST and other IDX
+folders, CIFAR-10/100, Tiny-ImageNet, ImageFolder.
 
 Everything goes through :func:`get_datasets` / :func:`make_loaders`; bad or missing files raise
 :class:`eigendamage.errors.DataError` with the offending path in the message.

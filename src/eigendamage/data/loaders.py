@@ -12,10 +12,20 @@ from eigendamage.errors import ConfigError, unknown_name
 from .cifar import load_cifar_splits
 from .common import DataSpec, ImageDataset, Loaders, reseed_worker
 from .digits import load_digits_splits
+from .idx import load_idx_splits
 from .imagefolder import load_imagefolder_splits
 from .tiny_imagenet import load_tiny_imagenet_splits
 
-DATASETS = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+DATASETS = (
+    "digits",
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+    "tiny-imagenet",
+    "imagefolder",
+    "idx",
+)
 DEFAULT_DATASET = "digits"
 _ALIASES = {
     "cifar-10": "cifar10",
@@ -23,6 +33,8 @@ _ALIASES = {
     "tinyimagenet": "tiny-imagenet",
     "tiny-imagenet-200": "tiny-imagenet",
     "image-folder": "imagefolder",
+    "fashionmnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
 }
 
 Root = str | os.PathLike[str] | None
@@ -52,6 +64,7 @@ def get_datasets(
     ``seed`` drives the training augmentation stream only; which samples land in val depends
     on ``split_seed`` alone, so runs with different seeds are evaluated on the same data.
     ``digits`` ignores ``root``, ``augment`` and ``val_fraction`` (fixed 60/20/20 split);
+    ``fashion-mnist`` reads the Debian package's folder when ``root`` is None;
     ``image_size`` applies only to ``imagefolder``.
     """
     key = canonical_name(name)
@@ -63,6 +76,10 @@ def get_datasets(
         return load_digits_splits(seed=seed)
     if key in ("cifar10", "cifar100"):
         return load_cifar_splits(
+            key, root, seed=seed, augment=augment, val_fraction=val_fraction, split_seed=split_seed
+        )
+    if key in ("mnist", "fashion-mnist", "idx"):
+        return load_idx_splits(
             key, root, seed=seed, augment=augment, val_fraction=val_fraction, split_seed=split_seed
         )
     if key == "tiny-imagenet":

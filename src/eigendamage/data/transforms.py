@@ -36,18 +36,23 @@ def _randint(gen: torch.Generator, high: int) -> int:
 
 
 class PadRandomCrop:
-    """Zero-pad each side by ``padding`` and take a random ``size`` crop (the CIFAR recipe)."""
+    """Zero-pad each side by ``padding`` and take a random ``size`` crop (the CIFAR recipe).
 
-    def __init__(self, size: int, padding: int) -> None:
-        self.size, self.padding = size, padding
+    ``size`` is one side of a square crop, or (height, width) for non-square images.
+    """
+
+    def __init__(self, size: int | tuple[int, int], padding: int) -> None:
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.padding = padding
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         p = self.padding
         padded = F.pad(img, (p, p, p, p)) if p else img
         h, w = padded.shape[-2:]
-        top = _randint(gen, h - self.size)
-        left = _randint(gen, w - self.size)
-        return padded[..., top : top + self.size, left : left + self.size]
+        out_h, out_w = self.size
+        top = _randint(gen, h - out_h)
+        left = _randint(gen, w - out_w)
+        return padded[..., top : top + out_h, left : left + out_w]
 
 
 class RandomHorizontalFlip:

@@ -45,7 +45,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem conv3x3-BN-ReLU, stages ``layer1..3`` (stride 1, 2, 2), global avg pool, ``fc``."""
+    """Stem conv3x3-BN-ReLU, stages ``layer1..3`` (stride 1, 2, 2), global avg pool, ``fc``.
+
+    ``width_mult`` scales the three stage ``widths`` (rounded, at least 1), so one name can be
+    trained at the paper's widths on a GPU and at a fraction of them on a CPU.
+    """
 
     def __init__(
         self,
@@ -53,6 +57,7 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         widths: Sequence[int] = (64, 128, 256),
+        width_mult: float = 1.0,
     ) -> None:
         super().__init__()
         check_positive_int("num_classes", num_classes, where="ResNet")
@@ -61,11 +66,16 @@ class ResNet(nn.Module):
             raise ModelError(
                 f"ResNet: depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got {depth!r}."
             )
+        if isinstance(width_mult, bool) or not isinstance(width_mult, int | float):
+            raise ModelError(f"ResNet: width_mult must be a positive number, got {width_mult!r}.")
+        if not 0 < width_mult < float("inf"):
+            raise ModelError(f"ResNet: width_mult must be a positive number, got {width_mult!r}.")
         widths = tuple(widths)
         if len(widths) != 3:
             raise ModelError(f"ResNet: widths needs 3 stage widths, got {widths!r}.")
         for w in widths:
             check_positive_int("widths entry", w, where="ResNet")
+        widths = tuple(max(1, round(w * width_mult)) for w in widths)
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

@@ -51,7 +51,7 @@ class VGG(nn.Module):
         check_positive_int("in_channels", in_channels, where="VGG")
         if isinstance(width_mult, bool) or not isinstance(width_mult, int | float):
             raise ModelError(f"VGG: width_mult must be a positive number, got {width_mult!r}.")
-        if not width_mult > 0:
+        if not 0 < width_mult < float("inf"):
             raise ModelError(f"VGG: width_mult must be a positive number, got {width_mult!r}.")
         if cfg is None:
             if depth not in CFGS:

@@ -1,0 +1,271 @@
+"""The paper's protocol on Fashion-MNIST: every method, one-pass and iterative, several seeds.
+
+One cell = (model, seed, mode, FLOPs kept, method).  Each cell starts from the same trained
+model of its (model, seed), prunes it to the budget and records, on the full test set:
+
+* accuracy and loss right after pruning, with BatchNorm statistics recalibrated on training
+  batches and no weight update (the criterion's own quality, apart from fine-tuning);
+* the same after 1 and after N fine-tuning epochs;
+* params, FLOPs and measured latency (batch 1 and 64, one thread);
+* the loss increase the criterion predicted (sum of removed ΔL, where it reports one)
+  against the one measured on fixed training batches (eval mode, no recalibration).
+
+Resumable: each trained model and each cell is written atomically when done and skipped on
+the next start; a killed pre-training resumes from its last epoch.  Run it alone (it
+measures latency)::
+
+    python benchmarks/fmnist_protocol.py run --config configs/protocol/fmnist_cpu.json
+    python benchmarks/fmnist_report.py --config configs/protocol/fmnist_cpu.json
+
+The config (saved beside the results) names models, widths, seeds, methods, budgets,
+epochs and the training subset; ``configs/protocol/fmnist_gpu.json`` is the full-width run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from eigendamage.data import make_loaders
+from eigendamage.errors import EigenDamageError
+from eigendamage.io import atomic_write_json, load_model, save_model
+from eigendamage.measure import count, measure_latency
+from eigendamage.models import create_model
+from eigendamage.models.registry import is_model_dir
+from eigendamage.pruner import run_pruning
+from eigendamage.seeding import seed_everything
+from eigendamage.train import evaluate, recalibrate_bn, reseed_loader, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_protocol(path: Path) -> dict[str, Any]:
+    """The protocol config; ``out`` is resolved against the repository root."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["out"] = str((ROOT / cfg["out"]).resolve())
+    return cfg
+
+
+def cells(cfg: dict[str, Any]) -> Iterator[tuple[str, int, str, float, str]]:
+    """Every cell, seed by seed: after the first seed all methods have a first result."""
+    for seed in cfg["seeds"]:
+        for model in cfg["models"]:
+            for mode in cfg["modes"]:
+                default = cfg["methods"] if mode == "one-pass" else cfg["iterative"]["methods"]
+                methods = cfg.get("methods_by_model", {}).get(model, {}).get(mode, default)
+                for kept in cfg["flops_kept"]:
+                    for method in methods:
+                        yield model, seed, mode, kept, method
+
+
+def cell_path(cfg: dict[str, Any], model: str, seed: int, mode: str, kept: float, method: str):
+    return Path(cfg["out"]) / "cells" / model / f"s{seed}" / mode / f"f{kept:g}" / f"{method}.json"
+
+
+class Data:
+    """Loaders of one seed: a seeded training subset and a fixed test subset (the CPU
+    budget; the same test images for every seed, so seeds differ only in training)."""
+
+    def __init__(self, cfg: dict[str, Any], seed: int) -> None:
+        loaders = make_loaders(
+            cfg["dataset"], cfg.get("data_root"), batch_size=cfg["batch_size"], seed=seed
+        )
+        train_set = loaders.train.dataset
+        n = min(cfg.get("train_subset") or len(train_set), len(train_set))
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+        subset = Subset(train_set, order[:n].tolist())
+        g = torch.Generator().manual_seed(seed)
+        self.train = DataLoader(subset, batch_size=cfg["batch_size"], shuffle=True, generator=g)
+        test_set = loaders.test.dataset
+        m = min(cfg.get("test_subset") or len(test_set), len(test_set))
+        keep = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:m]
+        self.test = DataLoader(Subset(test_set, keep.tolist()), batch_size=256)
+        self.spec = loaders.spec
+        # Fixed training batches, no augmentation draw in between: the measured ΔL.
+        self.probe = [next(iter(loaders.val))]
+
+
+def _epochs(model: torch.nn.Module, data: Data, ft: dict[str, Any], seed: int, on_epoch=None):
+    train(  # on the model's device
+        model,
+        data.train,
+        epochs=ft["epochs"],
+        lr=ft["lr"],
+        schedule=ft.get("schedule", "cosine"),
+        weight_decay=ft.get("weight_decay", 5e-4),
+        seed=seed,
+        device=None,
+        progress=False,
+        log=on_epoch,
+    )
+
+
+def pretrained(cfg: dict[str, Any], name: str, seed: int, data: Data) -> torch.nn.Module:
+    """The trained model of (model, seed): loaded, or trained now (resumable per epoch)."""
+    folder = Path(cfg["out"]) / "pretrained" / f"{name}_s{seed}"
+    device = cfg.get("device", "cpu")
+    if is_model_dir(str(folder / "model")):
+        return load_model(folder / "model").to(device)
+    seed_everything(seed)
+    model = create_model(name, num_classes=data.spec.num_classes, **cfg["models"][name])
+    model.to(device)
+    pre = cfg["pretrain"]
+    start = time.perf_counter()
+    train(
+        model,
+        data.train,
+        epochs=pre["epochs"],
+        lr=pre["lr"],
+        schedule=pre.get("schedule", "cosine"),
+        weight_decay=pre.get("weight_decay", 5e-4),
+        l1_bn=pre.get("l1_bn", 0.0),
+        seed=seed,
+        device=device,
+        checkpoint_path=folder / "train_checkpoint.pt",
+        progress=False,
+    )
+    result = evaluate(model, data.test)
+    save_model(model.cpu(), folder / "model")
+    model.to(device)
+    atomic_write_json(
+        folder / "metrics.json",
+        {
+            "test_acc": result.accuracy,
+            "test_loss": result.loss,
+            "seconds": time.perf_counter() - start,
+            **_size(model, data),
+        },
+    )
+    (folder / "train_checkpoint.pt").unlink(missing_ok=True)
+    return model
+
+
+def _size(model: torch.nn.Module, data: Data) -> dict[str, Any]:
+    """Params, FLOPs and median latency (one thread on CPU) at batch 1 and 64."""
+    shape = (1, *data.spec.input_shape)
+    counts = count(model, shape)
+    device = next(model.parameters()).device
+    latency = {
+        f"b{b}": measure_latency(
+            model, shape, batch_size=b, device=device, threads=1, repeats=20
+        ).median_ms
+        for b in (1, 64)
+    }
+    return {"params": counts.params, "flops": counts.flops, "latency_ms": latency}
+
+
+def _probe_loss(model: torch.nn.Module, data: Data) -> float:
+    return evaluate(model, data.probe).loss
+
+
+def run_cell(cfg: dict[str, Any], base: torch.nn.Module, data: Data, key: tuple) -> dict:
+    """Prune ``base`` for one cell and measure it before and after fine-tuning."""
+    _, seed, mode, kept, method = key
+    iterative = mode == "iterative"
+    settings = cfg["iterative"] if iterative else cfg["one_pass"]
+    ft = settings["finetune"]
+    loss_before = _probe_loss(base, data)
+    seed_everything(seed)
+
+    def between_rounds(model: torch.nn.Module, r: int) -> None:
+        reseed_loader(data.train, seed * 7919 + r)
+        recalibrate_bn(model, data.train, batches=cfg["bn_batches"])
+        _epochs(model, data, settings["between_rounds"], seed + r)
+
+    start = time.perf_counter()
+    result = run_pruning(
+        base,
+        data.train,
+        method=method.removesuffix("+norm"),
+        target_flops=kept,
+        rounds=settings["rounds"],
+        per_layer_cap=settings["per_layer_cap"],
+        fisher_batches=cfg["fisher_batches"],
+        seed=seed,
+        device=next(base.parameters()).device,
+        input_shape=(1, *data.spec.input_shape),
+        finetune=between_rounds if iterative else None,
+        log=lambda line: None,
+        **({"normalize": True} if method.endswith("+norm") else {}),
+    )
+    model, seconds = result.model, time.perf_counter() - start
+    last = result.rounds[-1].detail if result.rounds else {}
+    measured = _probe_loss(model, data) - loss_before
+    recalibrate_bn(model, data.train, batches=cfg["bn_batches"])
+    after = evaluate(model, data.test)
+    record: dict[str, Any] = {
+        "model": key[0], "seed": seed, "mode": mode, "flops_kept_target": kept, "method": method,
+        "rounds": len(result.rounds), "prune_seconds": seconds,
+        "pruned": {"test_acc": after.accuracy, "test_loss": after.loss},
+        "delta_loss": {"predicted": last.get("predicted_delta_loss"), "measured": measured},
+        "target_reached": last.get("target_reached"),
+    }  # fmt: skip
+    curve: list[dict[str, float]] = []
+
+    def on_epoch(_: dict[str, Any]) -> None:
+        ev = evaluate(model, data.test)
+        curve.append({"test_acc": ev.accuracy, "test_loss": ev.loss})
+
+    _epochs(model, data, ft, seed + 1000, on_epoch)
+    record["finetune_1"] = curve[0] if curve else None
+    record["finetune_n"] = curve[-1] if curve else None
+    record["finetune_epochs"] = ft["epochs"]
+    record.update(_size(model, data))
+    return record
+
+
+def run(cfg: dict[str, Any], only: Callable[[tuple], bool] = lambda key: True) -> None:
+    out = Path(cfg["out"])
+    atomic_write_json(out / "protocol.json", cfg)
+    torch.set_num_threads(cfg.get("threads", 2))
+    data_of: dict[int, Data] = {}
+    bases: dict[tuple[str, int], torch.nn.Module] = {}
+    todo = [k for k in cells(cfg) if only(k) and not cell_path(cfg, *k).is_file()]
+    print(f"{len(todo)} cells to run in {out}", flush=True)
+    for i, key in enumerate(todo, 1):
+        name, seed = key[0], key[1]
+        data = data_of.setdefault(seed, Data(cfg, seed))
+        if (name, seed) not in bases:
+            bases[(name, seed)] = pretrained(cfg, name, seed, data)
+        start = time.perf_counter()
+        try:
+            record = run_cell(cfg, bases[(name, seed)], data, key)
+        except EigenDamageError as exc:  # a method that cannot reach the budget: say so
+            record = {"model": name, "seed": seed, "mode": key[2], "method": key[4],
+                      "flops_kept_target": key[3], "error": str(exc)}  # fmt: skip
+        record["cell_seconds"] = time.perf_counter() - start
+        atomic_write_json(cell_path(cfg, *key), record)
+        acc = record.get("finetune_n", {}) or {}
+        print(f"[{i}/{len(todo)}] {key}: {acc.get('test_acc', 'error')} "
+              f"({record['cell_seconds']:.0f} s)", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["run", "list"])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/protocol/fmnist_cpu.json")
+    parser.add_argument("--seed", type=int, action="append", help="only these seeds")
+    parser.add_argument("--method", action="append", help="only these methods")
+    args = parser.parse_args()
+    cfg = load_protocol(args.config)
+
+    def only(key: tuple) -> bool:
+        return (not args.seed or key[1] in args.seed) and (not args.method or key[4] in args.method)
+
+    if args.command == "list":
+        keys = [k for k in cells(cfg) if only(k)]
+        done = sum(cell_path(cfg, *k).is_file() for k in keys)
+        print(f"{done}/{len(keys)} cells done in {cfg['out']}")
+        return
+    run(cfg, only)
+
+
+if __name__ == "__main__":
+    main()

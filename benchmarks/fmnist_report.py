@@ -1,0 +1,168 @@
+"""Tables and plots of the Fashion-MNIST protocol (benchmarks/fmnist_protocol.py): mean ± std
+over the seeds that finished, for every (model, mode, FLOPs kept, method).
+
+    python benchmarks/fmnist_report.py --config configs/protocol/fmnist_cpu.json
+
+Writes ``docs/results-fashion-mnist/tables.md`` (``--out``) and one plot per (model, mode):
+accuracy after fine-tuning against the FLOPs kept, with error bars.  Cells still missing
+are counted in each row (``n``), so a partial run is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from eigendamage.io import atomic_write_text
+from fmnist_protocol import ROOT, cell_path, cells, load_protocol
+
+COLUMNS = (
+    ("pruned", "after pruning + BN recal."),
+    ("finetune_1", "after 1 epoch"),
+    ("finetune_n", "after N epochs"),
+)
+
+
+def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def collect(cfg: dict[str, Any]) -> tuple[dict[tuple, list[dict]], dict[tuple, int]]:
+    """Finished records grouped by (model, mode, kept, method), and how many seeds each
+    group should have."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    expected: dict[tuple, int] = defaultdict(int)
+    for key in cells(cfg):
+        group = (key[0], key[2], key[3], key[4])
+        expected[group] += 1
+        path = cell_path(cfg, *key)
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if "error" not in record:  # sizes as fractions of the cell's own unpruned model
+            base = _base(cfg, key[0], key[1])
+            record["flops_kept"] = record["flops"] / base["flops"]
+            record["params_kept"] = record["params"] / base["params"]
+        groups[group].append(record)
+    return groups, expected
+
+
+def _base(cfg: dict[str, Any], model: str, seed: int) -> dict[str, Any]:
+    path = Path(cfg["out"]) / "pretrained" / f"{model}_s{seed}" / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def base_rows(cfg: dict[str, Any]) -> list[str]:
+    """The unpruned models: accuracy, size and latency per model (mean over seeds)."""
+    lines = ["| model | seeds | test acc % | params | FLOPs | latency b1 / b64 (ms) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in cfg["models"]:
+        folder = Path(cfg["out"]) / "pretrained"
+        done = [s for s in cfg["seeds"] if (folder / f"{name}_s{s}" / "metrics.json").is_file()]
+        recs = [_base(cfg, name, s) for s in done]
+        if not recs:
+            continue
+        b1 = statistics.fmean(r["latency_ms"]["b1"] for r in recs)
+        b64 = statistics.fmean(r["latency_ms"]["b64"] for r in recs)
+        lines.append(
+            f"| {name} | {len(recs)} | {_mean_std([r['test_acc'] for r in recs])} | "
+            f"{recs[0]['params']:,} | {recs[0]['flops']:,} | {b1:.2f} / {b64:.1f} |"
+        )
+    return lines
+
+
+def table(groups: dict[tuple, list[dict]], expected: dict[tuple, int], model: str, mode: str):
+    head = " | ".join(label for _, label in COLUMNS)
+    lines = [
+        f"| FLOPs kept | method | n | {head} | FLOPs kept (real) % | params kept % | "
+        "b1 / b64 ms | ΔL predicted / measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (m, md, kept, method), recs in sorted(groups.items(), key=lambda kv: (-kv[0][2],)):
+        if (m, md) != (model, mode):
+            continue
+        ok = [r for r in recs if "error" not in r]
+        if not ok:
+            lines.append(f"| {kept:g} | {method} | 0/{expected[(m, md, kept, method)]} | "
+                         f"error: {recs[0]['error'][:80]} |||||||")  # fmt: skip
+            continue
+        accs = [_mean_std([r[st]["test_acc"] for r in ok if r.get(st)]) for st, _ in COLUMNS]
+        real = _mean_std([r["flops_kept"] for r in ok])
+        params = _mean_std([r["params_kept"] for r in ok])
+        b1 = statistics.fmean(r["latency_ms"]["b1"] for r in ok)
+        b64 = statistics.fmean(r["latency_ms"]["b64"] for r in ok)
+        pred = [p for r in ok if (p := r["delta_loss"]["predicted"]) is not None]
+        meas = [r["delta_loss"]["measured"] for r in ok]
+        dl = f"{statistics.fmean(pred):.3f} / {statistics.fmean(meas):.3f}" if pred else (
+            f"– / {statistics.fmean(meas):.3f}")  # fmt: skip
+        n = f"{len(ok)}/{expected[(m, md, kept, method)]}"
+        lines.append(f"| {kept:g} | {method} | {n} | {' | '.join(accs)} | {real} | {params} | "
+                     f"{b1:.2f} / {b64:.1f} | {dl} |")  # fmt: skip
+    return lines
+
+
+def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[tuple[float, list[float]]]] = defaultdict(list)
+    for (m, md, kept, method), recs in groups.items():
+        accs = [r["finetune_n"]["test_acc"] * 100 for r in recs if r.get("finetune_n")]
+        if (m, md) == (model, mode) and accs:
+            by_method[method].append((kept, accs))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        xs = [p[0] for p in points]
+        ys = [statistics.fmean(p[1]) for p in points]
+        es = [statistics.stdev(p[1]) if len(p[1]) > 1 else 0.0 for p in points]
+        style = dict(lw=2.5, color="black") if method == "eigendamage" else dict(lw=1, alpha=0.8)
+        ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=method, **style)
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs kept (target)")
+    ax.set_ylabel("test accuracy after fine-tuning (%)")
+    ax.set_title(f"{model}, {mode}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/protocol/fmnist_cpu.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results-fashion-mnist")
+    args = parser.parse_args()
+    cfg = load_protocol(args.config)
+    groups, expected = collect(cfg)
+    done = sum(len(v) for v in groups.values())
+    lines = [f"Generated by `python benchmarks/fmnist_report.py --config {args.config.name}` "
+             f"from {done} of {sum(expected.values())} cells.", "", "## Unpruned models", "",
+             *base_rows(cfg)]  # fmt: skip
+    for model in cfg["models"]:
+        for mode in cfg["modes"]:
+            rows = table(groups, expected, model, mode)
+            if len(rows) == 2:
+                continue
+            image = f"{model}_{mode}.png"
+            plot(groups, model, mode, args.out / image)
+            lines += ["", f"## {model}, {mode}", "", f"![{model} {mode}]({image})", "", *rows]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(args.out / "tables.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The paper's-protocol driver (benchmarks/fmnist_protocol.py) on the embedded digits data:
+every cell is written once with the measurements the results page needs, and a second
+start skips what is done (the CPU run spans several sittings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    spec = importlib.util.spec_from_file_location(
+        "fmnist_protocol", ROOT / "benchmarks" / "fmnist_protocol.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(out: Path) -> dict:
+    return {
+        "out": str(out),
+        "dataset": "digits",
+        "data_root": None,
+        "batch_size": 64,
+        "train_subset": 600,
+        "test_subset": 200,
+        "threads": 1,
+        "models": {"digits-vgg": {"widths": [8, "M", 16]}},
+        "seeds": [0],
+        "modes": ["one-pass", "iterative"],
+        "methods": ["eigendamage", "l1"],
+        "methods_by_model": {},
+        "flops_kept": [0.6],
+        "fisher_batches": 2,
+        "bn_batches": 2,
+        "pretrain": {"epochs": 2, "lr": 0.05},
+        "one_pass": {"rounds": 1, "per_layer_cap": 0.95, "finetune": {"epochs": 2, "lr": 0.01}},
+        "iterative": {
+            "rounds": 2,
+            "per_layer_cap": 0.5,
+            "methods": ["eigendamage"],
+            "between_rounds": {"epochs": 1, "lr": 0.01},
+            "finetune": {"epochs": 2, "lr": 0.01},
+        },
+    }
+
+
+def test_every_cell_is_measured_once_and_resumed(protocol, tmp_path, capsys) -> None:
+    cfg = _config(tmp_path / "run")
+    keys = list(protocol.cells(cfg))
+    assert [k[2:] for k in keys] == [
+        ("one-pass", 0.6, "eigendamage"), ("one-pass", 0.6, "l1"), ("iterative", 0.6, "eigendamage")
+    ]  # fmt: skip
+    protocol.run(cfg)
+    records = [json.loads(protocol.cell_path(cfg, *k).read_text()) for k in keys]
+    for key, rec in zip(keys, records, strict=True):
+        assert "error" not in rec, rec
+        for stage in ("pruned", "finetune_1", "finetune_n"):
+            assert 0.0 <= rec[stage]["test_acc"] <= 1.0 and rec[stage]["test_loss"] > 0
+        assert set(rec["latency_ms"]) == {"b1", "b64"}
+        assert rec["rounds"] == (2 if key[2] == "iterative" else 1)
+    base = json.loads((tmp_path / "run/pretrained/digits-vgg_s0/metrics.json").read_text())
+    assert all(rec["flops"] <= 0.6 * base["flops"] * 1.01 for rec in records)
+    assert records[0]["delta_loss"]["predicted"] > 0  # EigenDamage predicts its damage
+    assert records[1]["delta_loss"]["predicted"] is None  # l1 does not
+    capsys.readouterr()
+    protocol.run(cfg)  # nothing left to do: every cell is skipped
+    assert "0 cells to run" in capsys.readouterr().out
+
+
+def test_report_counts_finished_seeds_and_plots(protocol, tmp_path, monkeypatch) -> None:
+    """The report of a (partial) run: one row per group with ``n`` finished of expected."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.setdefault("fmnist_protocol", protocol)
+    import fmnist_report
+
+    cfg = _config(tmp_path / "run")
+    cfg["seeds"] = [0, 1]
+    cfg["modes"] = ["one-pass"]
+    cfg["methods"] = ["l1"]
+    protocol.run(cfg, only=lambda key: key[1] == 0)  # seed 1 never ran
+    groups, expected = fmnist_report.collect(cfg)
+    rows = fmnist_report.table(groups, expected, "digits-vgg", "one-pass")
+    assert len(rows) == 3 and "| l1 | 1/2 |" in rows[2]
+    fmnist_report.plot(groups, "digits-vgg", "one-pass", tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -14,11 +14,11 @@ Resumable: each trained model and each cell is written atomically when done and 
 the next start; a killed pre-training resumes from its last epoch.  Run it alone (it
 measures latency)::
 
-    python benchmarks/fmnist_protocol.py run --config configs/protocol/fmnist_cpu.json
-    python benchmarks/fmnist_report.py --config configs/protocol/fmnist_cpu.json
+    python benchmarks/fmnist_protocol.py run --config benchmarks/configs/fmnist_cpu.json
+    python benchmarks/fmnist_report.py --config benchmarks/configs/fmnist_cpu.json
 
 The config (saved beside the results) names models, widths, seeds, methods, budgets,
-epochs and the training subset; ``configs/protocol/fmnist_gpu.json`` is the full-width run.
+epochs and the training subset; ``benchmarks/configs/fmnist_gpu.json`` is the full-width run.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def run(cfg: dict[str, Any], only: Callable[[tuple], bool] = lambda key: True) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "list"])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs/protocol/fmnist_cpu.json")
+    parser.add_argument("--config", type=Path, default=ROOT / "benchmarks/configs/fmnist_cpu.json")
     parser.add_argument("--seed", type=int, action="append", help="only these seeds")
     parser.add_argument("--method", action="append", help="only these methods")
     args = parser.parse_args()

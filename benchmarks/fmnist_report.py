@@ -1,7 +1,7 @@
 """Tables and plots of the Fashion-MNIST protocol (benchmarks/fmnist_protocol.py): mean ± std
 over the seeds that finished, for every (model, mode, FLOPs kept, method).
 
-    python benchmarks/fmnist_report.py --config configs/protocol/fmnist_cpu.json
+    python benchmarks/fmnist_report.py --config benchmarks/configs/fmnist_cpu.json
 
 Writes ``docs/results-fashion-mnist/tables.md`` (``--out``) and one plot per (model, mode):
 accuracy after fine-tuning against the FLOPs kept, with error bars.  Cells still missing
@@ -142,7 +142,7 @@ def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs/protocol/fmnist_cpu.json")
+    parser.add_argument("--config", type=Path, default=ROOT / "benchmarks/configs/fmnist_cpu.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results-fashion-mnist")
     args = parser.parse_args()
     cfg = load_protocol(args.config)

@@ -93,3 +93,17 @@ def test_report_counts_finished_seeds_and_plots(protocol, tmp_path, monkeypatch)
     assert len(rows) == 3 and "| l1 | 1/2 |" in rows[2]
     fmnist_report.plot(groups, "digits-vgg", "one-pass", tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["fmnist_cpu.json", "fmnist_gpu.json"])
+def test_shipped_protocol_configs_name_real_methods_and_models(protocol, name) -> None:
+    from eigendamage.models import list_models
+    from eigendamage.pruner import available_methods
+
+    cfg = protocol.load_protocol(ROOT / "benchmarks" / "configs" / name)
+    methods = set(available_methods())
+    for key in protocol.cells(cfg):
+        assert key[4].removesuffix("+norm") in methods, key
+        assert key[0] in list_models(), key
+    assert cfg["flops_kept"] == [0.5, 0.3, 0.15, 0.1] and len(cfg["seeds"]) == 3
+    assert cfg["iterative"]["rounds"] >= 5 and cfg["iterative"]["per_layer_cap"] == 0.5

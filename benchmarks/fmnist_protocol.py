@@ -8,7 +8,8 @@ model of its (model, seed), prunes it to the budget and records, on the full tes
 * the same after 1 and after N fine-tuning epochs;
 * params, FLOPs and measured latency (batch 1 and 64, one thread);
 * the loss increase the criterion predicted (sum of removed ΔL, where it reports one)
-  against the one measured on fixed training batches (eval mode, no recalibration).
+  against the one measured on a fixed held-out training batch (eval mode), before and
+  after BatchNorm recalibration.
 
 Resumable: each trained model and each cell is written atomically when done and skipped on
 the next start; a killed pre-training resumes from its last epoch.  Run it alone (it
@@ -199,12 +200,14 @@ def run_cell(cfg: dict[str, Any], base: torch.nn.Module, data: Data, key: tuple)
     last = result.rounds[-1].detail if result.rounds else {}
     measured = _probe_loss(model, data) - loss_before
     recalibrate_bn(model, data.train, batches=cfg["bn_batches"])
+    measured_recal = _probe_loss(model, data) - loss_before
     after = evaluate(model, data.test)
     record: dict[str, Any] = {
         "model": key[0], "seed": seed, "mode": mode, "flops_kept_target": kept, "method": method,
         "rounds": len(result.rounds), "prune_seconds": seconds,
         "pruned": {"test_acc": after.accuracy, "test_loss": after.loss},
-        "delta_loss": {"predicted": last.get("predicted_delta_loss"), "measured": measured},
+        "delta_loss": {"predicted": last.get("predicted_delta_loss"), "measured": measured,
+                       "measured_after_bn_recal": measured_recal},
         "target_reached": last.get("target_reached"),
     }  # fmt: skip
     curve: list[dict[str, float]] = []

@@ -84,7 +84,7 @@ def table(groups: dict[tuple, list[dict]], expected: dict[tuple, int], model: st
     head = " | ".join(label for _, label in COLUMNS)
     lines = [
         f"| FLOPs kept | method | n | {head} | FLOPs kept (real) % | params kept % | "
-        "b1 / b64 ms | ΔL predicted / measured |",
+        "b1 / b64 ms | ΔL predicted / measured (after BN recal.) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (m, md, kept, method), recs in sorted(groups.items(), key=lambda kv: (-kv[0][2],)):
@@ -100,40 +100,58 @@ def table(groups: dict[tuple, list[dict]], expected: dict[tuple, int], model: st
         params = _mean_std([r["params_kept"] for r in ok])
         b1 = statistics.fmean(r["latency_ms"]["b1"] for r in ok)
         b64 = statistics.fmean(r["latency_ms"]["b64"] for r in ok)
-        pred = [p for r in ok if (p := r["delta_loss"]["predicted"]) is not None]
-        meas = [r["delta_loss"]["measured"] for r in ok]
-        dl = f"{statistics.fmean(pred):.3f} / {statistics.fmean(meas):.3f}" if pred else (
-            f"– / {statistics.fmean(meas):.3f}")  # fmt: skip
+        dl = _delta_loss(ok) if mode == "one-pass" else "–"  # rounds + tuning in between
         n = f"{len(ok)}/{expected[(m, md, kept, method)]}"
         lines.append(f"| {kept:g} | {method} | {n} | {' | '.join(accs)} | {real} | {params} | "
                      f"{b1:.2f} / {b64:.1f} | {dl} |")  # fmt: skip
     return lines
 
 
+def _delta_loss(records: list[dict]) -> str:
+    """Predicted / measured loss increase (measured before / after BN recalibration)."""
+
+    def mean(key: str) -> str:
+        values = [v for r in records if (v := r["delta_loss"].get(key)) is not None]
+        return f"{statistics.fmean(values):.3f}" if values else "–"
+
+    return f"{mean('predicted')} / {mean('measured')} ({mean('measured_after_bn_recal')})"
+
+
 def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> None:
+    """Two panels against FLOPs kept: right after pruning (BN recalibrated) and after
+    fine-tuning; mean over seeds with their standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_method: dict[str, list[tuple[float, list[float]]]] = defaultdict(list)
-    for (m, md, kept, method), recs in groups.items():
-        accs = [r["finetune_n"]["test_acc"] * 100 for r in recs if r.get("finetune_n")]
-        if (m, md) == (model, mode) and accs:
-            by_method[method].append((kept, accs))
-    for method, points in sorted(by_method.items()):
-        points.sort()
-        xs = [p[0] for p in points]
-        ys = [statistics.fmean(p[1]) for p in points]
-        es = [statistics.stdev(p[1]) if len(p[1]) > 1 else 0.0 for p in points]
-        style = dict(lw=2.5, color="black") if method == "eigendamage" else dict(lw=1, alpha=0.8)
-        ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=method, **style)
-    ax.set_xscale("log")
-    ax.set_xlabel("FLOPs kept (target)")
-    ax.set_ylabel("test accuracy after fine-tuning (%)")
-    ax.set_title(f"{model}, {mode}")
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    methods = sorted({g[3] for g in groups if g[:2] == (model, mode)})
+    colors = plt.get_cmap("tab20")(range(20))
+    for ax, (stage, label) in zip(axes, (COLUMNS[0], COLUMNS[2]), strict=True):
+        for i, method in enumerate(methods):
+            points = []
+            for (m, md, kept, name), recs in groups.items():
+                accs = [r[stage]["test_acc"] * 100 for r in recs if r.get(stage)]
+                if (m, md, name) == (model, mode, method) and accs:
+                    points.append((kept, accs))
+            if not points:
+                continue
+            points.sort()
+            ys = [statistics.fmean(a) for _, a in points]
+            es = [statistics.stdev(a) if len(a) > 1 else 0.0 for _, a in points]
+            bold = method == "eigendamage"
+            ax.errorbar(
+                [k for k, _ in points], ys, yerr=es, capsize=2, label=method,
+                color="black" if bold else colors[i % 20], lw=2.5 if bold else 1,
+                marker="os^vD<>ph*"[i % 10], ms=4,
+            )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("FLOPs kept (target)")
+        ax.set_title(f"{model}, {mode}: {label}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -12,10 +12,11 @@ model of its (model, seed), prunes it to the budget and records, on the full tes
   after BatchNorm recalibration.
 
 Resumable: each trained model and each cell is written atomically when done and skipped on
-the next start; a killed pre-training resumes from its last epoch.  Run it alone (it
-measures latency)::
+the next start; a killed pre-training resumes from its last epoch.  Each cell records its
+pruned architecture; ``latency`` re-times them all in one sitting (run that alone)::
 
     python benchmarks/fmnist_protocol.py run --config benchmarks/configs/fmnist_cpu.json
+    python benchmarks/fmnist_protocol.py latency --config benchmarks/configs/fmnist_cpu.json
     python benchmarks/fmnist_report.py --config benchmarks/configs/fmnist_cpu.json
 
 The config (saved beside the results) names models, widths, seeds, methods, budgets,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +38,13 @@ from torch.utils.data import DataLoader, Subset
 
 from eigendamage.data import make_loaders
 from eigendamage.errors import EigenDamageError
-from eigendamage.io import atomic_write_json, load_model, save_model
+from eigendamage.io import (
+    atomic_write_json,
+    build_architecture,
+    describe_architecture,
+    load_model,
+    save_model,
+)
 from eigendamage.measure import count, measure_latency
 from eigendamage.models import create_model
 from eigendamage.models.registry import is_model_dir
@@ -55,7 +63,9 @@ def load_protocol(path: Path) -> dict[str, Any]:
 
 
 def cells(cfg: dict[str, Any]) -> Iterator[tuple[str, int, str, float, str]]:
-    """Every cell, seed by seed: after the first seed all methods have a first result."""
+    """Every cell, seed by seed: after the first seed all methods have a first result.
+    The ablation's variants follow the main cells of their (seed, model, mode)."""
+    ablation = cfg.get("ablation", {})
     for seed in cfg["seeds"]:
         for model in cfg["models"]:
             for mode in cfg["modes"]:
@@ -64,6 +74,24 @@ def cells(cfg: dict[str, Any]) -> Iterator[tuple[str, int, str, float, str]]:
                 for kept in cfg["flops_kept"]:
                     for method in methods:
                         yield model, seed, mode, kept, method
+                if model in ablation.get("models", ()) and mode in ablation.get("modes", ()):
+                    for kept in ablation["flops_kept"]:
+                        for variant in ablation["variants"]:
+                            yield model, seed, mode, kept, variant
+
+
+def resolve(cfg: dict[str, Any], name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(method, run_pruning overrides, fine-tuning overrides)`` of a method or variant name.
+
+    ``X+norm`` is method X with per-layer score normalisation; the config's ``variants``
+    map a name to ``{"method": ..., "prune": {...}, "finetune": {...}}`` (the ablation).
+    """
+    variant = cfg.get("variants", {}).get(name)
+    if variant is not None:
+        return variant["method"], dict(variant.get("prune", {})), dict(variant.get("finetune", {}))
+    if name.endswith("+norm"):
+        return name.removesuffix("+norm"), {"normalize": True}, {}
+    return name, {}, {}
 
 
 def cell_path(cfg: dict[str, Any], model: str, seed: int, mode: str, kept: float, method: str):
@@ -159,7 +187,12 @@ def _size(model: torch.nn.Module, data: Data) -> dict[str, Any]:
         ).median_ms
         for b in (1, 64)
     }
-    return {"params": counts.params, "flops": counts.flops, "latency_ms": latency}
+    return {
+        "params": counts.params,
+        "flops": counts.flops,
+        "latency_ms": latency,
+        "load_average": os.getloadavg()[0],  # the in-run latency is only as good as this
+    }
 
 
 def _probe_loss(model: torch.nn.Module, data: Data) -> float:
@@ -168,10 +201,16 @@ def _probe_loss(model: torch.nn.Module, data: Data) -> float:
 
 def run_cell(cfg: dict[str, Any], base: torch.nn.Module, data: Data, key: tuple) -> dict:
     """Prune ``base`` for one cell and measure it before and after fine-tuning."""
-    _, seed, mode, kept, method = key
+    _, seed, mode, kept, name = key
+    method, prune_overrides, ft_overrides = resolve(cfg, name)
     iterative = mode == "iterative"
     settings = cfg["iterative"] if iterative else cfg["one_pass"]
-    ft = settings["finetune"]
+    ft = {**settings["finetune"], **ft_overrides}
+    pruning = {
+        "per_layer_cap": settings["per_layer_cap"],
+        "fisher_batches": cfg["fisher_batches"],
+        **prune_overrides,
+    }
     loss_before = _probe_loss(base, data)
     seed_everything(seed)
 
@@ -184,17 +223,15 @@ def run_cell(cfg: dict[str, Any], base: torch.nn.Module, data: Data, key: tuple)
     result = run_pruning(
         base,
         data.train,
-        method=method.removesuffix("+norm"),
+        method=method,
         target_flops=kept,
         rounds=settings["rounds"],
-        per_layer_cap=settings["per_layer_cap"],
-        fisher_batches=cfg["fisher_batches"],
         seed=seed,
         device=next(base.parameters()).device,
         input_shape=(1, *data.spec.input_shape),
         finetune=between_rounds if iterative else None,
         log=lambda line: None,
-        **({"normalize": True} if method.endswith("+norm") else {}),
+        **pruning,
     )
     model, seconds = result.model, time.perf_counter() - start
     last = result.rounds[-1].detail if result.rounds else {}
@@ -203,7 +240,7 @@ def run_cell(cfg: dict[str, Any], base: torch.nn.Module, data: Data, key: tuple)
     measured_recal = _probe_loss(model, data) - loss_before
     after = evaluate(model, data.test)
     record: dict[str, Any] = {
-        "model": key[0], "seed": seed, "mode": mode, "flops_kept_target": kept, "method": method,
+        "model": key[0], "seed": seed, "mode": mode, "flops_kept_target": kept, "method": name,
         "rounds": len(result.rounds), "prune_seconds": seconds,
         "pruned": {"test_acc": after.accuracy, "test_loss": after.loss},
         "delta_loss": {"predicted": last.get("predicted_delta_loss"), "measured": measured,
@@ -221,6 +258,7 @@ def run_cell(cfg: dict[str, Any], base: torch.nn.Module, data: Data, key: tuple)
     record["finetune_n"] = curve[-1] if curve else None
     record["finetune_epochs"] = ft["epochs"]
     record.update(_size(model, data))
+    record["architecture"] = describe_architecture(model)  # `latency` re-times it alone
     return record
 
 
@@ -250,9 +288,52 @@ def run(cfg: dict[str, Any], only: Callable[[tuple], bool] = lambda key: True) -
               f"({record['cell_seconds']:.0f} s)", flush=True)  # fmt: skip
 
 
+def _latency(arch: dict[str, Any], repeats: int) -> dict[str, float]:
+    model = build_architecture(arch).eval()
+    shape = (1, *arch["base"]["input_size"])
+    return {
+        f"b{b}": measure_latency(
+            model, shape, batch_size=b, device="cpu", threads=1, repeats=repeats
+        ).median_ms
+        for b in (1, 64)
+    }
+
+
+def retime(cfg: dict[str, Any], only: Callable[[tuple], bool], repeats: int = 20) -> None:
+    """Re-time every finished cell's pruned model (rebuilt from its recorded architecture,
+    fresh weights) and every trained original in one sitting, one thread: latencies measured
+    side by side under the same load, written to ``latency.json`` (resumable, every 10)."""
+    out = Path(cfg["out"])
+    path = out / "latency.json"
+    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    timed: dict[str, Any] = done.get("cells", {})
+    todo: list[tuple[str, dict[str, Any]]] = []
+    for key in cells(cfg):
+        cell = cell_path(cfg, *key)
+        rel = str(cell.relative_to(out))
+        if only(key) and rel not in timed and cell.is_file():
+            record = json.loads(cell.read_text(encoding="utf-8"))
+            if "architecture" in record:
+                todo.append((rel, record["architecture"]))
+    originals = sorted((out / "pretrained").glob("*/model"))
+    print(f"{len(todo)} cells and {len(originals)} originals to time", flush=True)
+    result = {"threads": 1, "repeats": repeats, "cells": timed, "originals": {}}
+    for folder in originals:
+        arch = json.loads((folder / "architecture.json").read_text(encoding="utf-8"))
+        result["originals"][folder.parent.name] = _latency(arch, repeats)
+    for i, (rel, arch) in enumerate(todo, 1):
+        timed[rel] = _latency(arch, repeats)
+        if i % 10 == 0 or i == len(todo):
+            result["load_average"] = os.getloadavg()[0]
+            atomic_write_json(path, result)
+            print(f"[{i}/{len(todo)}] timed", flush=True)
+    if not todo:
+        atomic_write_json(path, result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "list"])
+    parser.add_argument("command", choices=["run", "list", "latency"])
     parser.add_argument("--config", type=Path, default=ROOT / "benchmarks/configs/fmnist_cpu.json")
     parser.add_argument("--seed", type=int, action="append", help="only these seeds")
     parser.add_argument("--method", action="append", help="only these methods")
@@ -266,6 +347,9 @@ def main() -> None:
         keys = [k for k in cells(cfg) if only(k)]
         done = sum(cell_path(cfg, *k).is_file() for k in keys)
         print(f"{done}/{len(keys)} cells done in {cfg['out']}")
+        return
+    if args.command == "latency":
+        retime(cfg, only)
         return
     run(cfg, only)
 

@@ -97,13 +97,45 @@ def test_report_counts_finished_seeds_and_plots(protocol, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("name", ["fmnist_cpu.json", "fmnist_gpu.json"])
 def test_shipped_protocol_configs_name_real_methods_and_models(protocol, name) -> None:
+    import inspect
+
     from eigendamage.models import list_models
-    from eigendamage.pruner import available_methods
+    from eigendamage.pruner import available_methods, run_pruning
 
     cfg = protocol.load_protocol(ROOT / "benchmarks" / "configs" / name)
     methods = set(available_methods())
+    options = set(inspect.signature(run_pruning).parameters)
     for key in protocol.cells(cfg):
-        assert key[4].removesuffix("+norm") in methods, key
+        method, prune_options, _ = protocol.resolve(cfg, key[4])
+        assert method in methods and set(prune_options) <= options, key
         assert key[0] in list_models(), key
     assert cfg["flops_kept"] == [0.5, 0.3, 0.15, 0.1] and len(cfg["seeds"]) == 3
     assert cfg["iterative"]["rounds"] >= 5 and cfg["iterative"]["per_layer_cap"] == 0.5
+
+
+def test_ablation_variants_and_latency_pass(protocol, tmp_path) -> None:
+    """Variants change what they name (here the fine-tuning epochs and the Fisher batches);
+    ``latency`` re-times every finished cell from its recorded architecture."""
+    cfg = _config(tmp_path / "run")
+    cfg["modes"] = ["one-pass"]
+    cfg["methods"] = ["l1"]
+    cfg["variants"] = {
+        "l1-ft3": {"method": "l1", "finetune": {"epochs": 3}},
+        "ed-fisher1": {"method": "eigendamage", "prune": {"fisher_batches": 1}},
+    }
+    cfg["ablation"] = {"models": ["digits-vgg"], "modes": ["one-pass"], "flops_kept": [0.6],
+                       "variants": ["l1-ft3", "ed-fisher1"]}  # fmt: skip
+    keys = list(protocol.cells(cfg))
+    assert [k[4] for k in keys] == ["l1", "l1-ft3", "ed-fisher1"]
+    assert protocol.resolve(cfg, "c-obd+norm") == ("c-obd", {"normalize": True}, {})
+    protocol.run(cfg)
+    records = {k[4]: json.loads(protocol.cell_path(cfg, *k).read_text()) for k in keys}
+    assert records["l1"]["finetune_epochs"] == 2 and records["l1-ft3"]["finetune_epochs"] == 3
+    assert records["ed-fisher1"]["delta_loss"]["predicted"] > 0
+    protocol.retime(cfg, lambda key: True, repeats=2)
+    timed = json.loads((tmp_path / "run/latency.json").read_text())
+    assert set(timed["cells"]) == {
+        str(protocol.cell_path(cfg, *k).relative_to(tmp_path / "run")) for k in keys
+    }
+    assert all(v["b1"] > 0 and v["b64"] > 0 for v in timed["cells"].values())
+    assert set(timed["originals"]) == {"digits-vgg_s0"}

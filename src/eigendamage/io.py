@@ -836,6 +836,45 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
     return model
 
 
+def build_architecture(doc: Mapping[str, Any], *, max_growth: float = 4.0) -> nn.Module:
+    """The model an ``architecture.json`` document describes, with freshly initialised
+    weights: what latency depends on, without the weights file (benchmarks re-time pruned
+    models from their recorded structure).
+
+    The document is checked as :func:`load_model` checks one, and rebuilt on the meta
+    device first: described modules may take at most ``max_growth`` times the base's bytes
+    (plus 64 MiB), since there is no weights file to bound them by.
+    """
+    doc = checks.check_document(
+        json.loads(json.dumps(doc, allow_nan=False))  # a copy, as plain JSON data
+    )
+    spec = doc["base"]
+    sizes: list[int] = []
+
+    def rebuild(base: nn.Module | None, built=None) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            model = _apply(base, doc["modules"], doc["tied"], built)
+            _set_attributes(model, doc["attributes"])
+        return model
+
+    def rebuild_on_meta() -> nn.Module:
+        base = _build_base_quietly(spec)
+        sizes.append(limits.module_bytes(base))
+        return rebuild(base, lambda m: sizes.append(limits.module_bytes(m)))
+
+    limits.on_meta(rebuild_on_meta)
+    if sum(sizes[1:]) > max_growth * sizes[0] + (64 << 20):
+        raise ModelError(
+            f"architecture of {spec['name']!r} describes {sum(sizes[1:]):,} bytes of modules, "
+            f"more than {max_growth:g}x its base ({sizes[0]:,} bytes)"
+        )
+    new_root = doc["modules"].get("") is not None
+    model = rebuild(None if new_root else _build_base_quietly(spec))
+    if getattr(model, "eigendamage_spec", None) is None:
+        model.eigendamage_spec = {**spec, "kwargs": dict(spec.get("kwargs", {}))}
+    return model
+
+
 def _load_weights(model: nn.Module, weights_file: Path) -> None:
     """Load a safetensors file strictly, with the model's own state_dict metadata.
 

@@ -43,6 +43,22 @@ class OutputExistsError(EigenDamageError):
     """An output directory exists and would be overwritten."""
 
 
+class CheckpointError(EigenDamageError):
+    """A checkpoint is missing, truncated, corrupt or holds objects that cannot load safely."""
+
+
+class OutputInUseError(OutputExistsError):
+    """Another eigendamage run holds the output directory (see :func:`lock_output_dir`)."""
+
+
+class SingularFactorError(CurvatureError):
+    """A factor is too ill-conditioned for the step at the current damping."""
+
+
+class TrainingError(EigenDamageError):
+    """Training diverged (non-finite loss) or cannot continue from a checkpoint."""
+
+
 def unknown_name(kind: str, name: str, choices: Iterable[str]) -> str:
     """Message for an unknown name, with the closest valid names as a hint."""
     choices = sorted(choices)

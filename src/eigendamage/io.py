@@ -39,7 +39,13 @@ from torch import nn
 
 from . import model_file_checks as checks
 from . import model_file_limits as limits
-from .errors import EigenDamageError, ModelError, OutputExistsError
+from .errors import (
+    CheckpointError,
+    EigenDamageError,
+    ModelError,
+    OutputExistsError,
+    OutputInUseError,
+)
 
 __all__ = [
     "ARCHITECTURE_FILE",
@@ -69,10 +75,6 @@ ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FORMAT = "eigendamage-model"
 MODEL_FORMAT_VERSION = 1
-
-
-class CheckpointError(EigenDamageError):
-    """A checkpoint is missing, truncated, corrupt or holds objects that cannot load safely."""
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -213,10 +215,6 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, resume: bool 
             f"cannot create output directory {p}: no write permission in {ancestor}"
         )
     return p
-
-
-class OutputInUseError(OutputExistsError):
-    """Another eigendamage run holds the output directory (see :func:`lock_output_dir`)."""
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .curvature.hooks import check_labels
 from .distributed import is_main, shard_loader, wrap_ddp
-from .errors import ConfigError, DataError, EigenDamageError
+from .errors import ConfigError, DataError, EigenDamageError, TrainingError
 from .io import CheckpointError, load_checkpoint, save_checkpoint
 from .seeding import rng_state, seed_everything, set_rng_state
 
@@ -47,10 +47,6 @@ __all__ = [
 
 SCHEDULES = ("step", "cosine", "constant")
 CHECKPOINT_FORMAT = "eigendamage-train"
-
-
-class TrainingError(EigenDamageError):
-    """Training diverged (non-finite loss) or cannot continue from a checkpoint."""
 
 
 @dataclass(frozen=True)

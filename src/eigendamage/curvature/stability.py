@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from ..errors import CurvatureError
+from ..errors import CurvatureError, SingularFactorError
 from .eigen import eigendecompose
 from .factors import KFE, KFactors
 from .kfac import check_finite
@@ -37,10 +37,6 @@ FACTOR = 10.0
 
 logger = logging.getLogger("eigendamage")
 T = TypeVar("T")
-
-
-class SingularFactorError(CurvatureError):
-    """A factor is too ill-conditioned for the step at the current damping."""
 
 
 def _escalations(damping: float) -> list[float]:

@@ -36,8 +36,7 @@ from backpack.extensions import KFAC, KFLR
 from curvlinops import KFACLinearOperator
 from torch import nn
 
-from eigendamage.curvature import collect_kfac
-from eigendamage.curvature.bench import (
+from eigendamage.benchmarking.workloads import (
     WORKLOADS,
     Workload,
     best_of,
@@ -47,6 +46,7 @@ from eigendamage.curvature.bench import (
     plain_step,
     synthetic_batches,
 )
+from eigendamage.curvature import collect_kfac
 
 
 def vgg19_plain(classes: int = 10) -> nn.Sequential:

@@ -6,7 +6,7 @@ weights and a tiny random batch (2 images at 64x64, or the model's natural size 
 refuses 64x64; 2 sequences of 32 tokens), one subprocess per model measures:
 
 * the EigenDamage target policy (layers reparameterised / left dense, and why);
-* ``eigendamage.pruner.run_pruning(method="eigendamage", ratio=0.5, fisher_batches=1)``:
+* ``eigendamage.run_pruning(method="eigendamage", ratio=0.5, fisher_batches=1)``:
   params and FLOPs kept;
 * save/load: the pruned model written by ``save_model`` and read by ``load_model`` gives
   identical outputs and is an instance of the original class;
@@ -183,8 +183,11 @@ def _float64_equivalence(model: Any, kfe: dict[str, Any], x: Any) -> tuple[float
     import torch
 
     from eigendamage.curvature.factors import KFE, Eigen
-    from eigendamage.curvature.hooks import logits_of
-    from eigendamage.surgery.eigenbasis import build, factor, layer_path, rotate, set_submodule
+    from eigendamage.modelcall import logits_of
+    from eigendamage.surgery.eigenbasis import build_form as build
+    from eigendamage.surgery.eigenbasis import in_eigenbasis as rotate
+    from eigendamage.surgery.eigenbasis import layer_path, set_submodule
+    from eigendamage.surgery.eigenbasis import to_factored as factor
 
     def orthonormal(e: Any) -> Any:
         return Eigen(torch.linalg.qr(e.Q.double())[0], e.lam.double())
@@ -229,7 +232,7 @@ def _float64_sensitivity(model: Any, x: Any) -> float:
     """
     import torch
 
-    from eigendamage.curvature.hooks import logits_of
+    from eigendamage.modelcall import logits_of
 
     model64 = copy.deepcopy(model).double()
     inputs = x.double() if x.is_floating_point() else x
@@ -247,7 +250,7 @@ def _kept(before: Any, after: Any) -> dict[str, float]:
 
 
 def _max_diff(a: Any, b: Any) -> float:
-    from eigendamage.curvature.hooks import logits_of
+    from eigendamage.modelcall import logits_of
 
     return float((logits_of(a).float() - logits_of(b).float()).abs().max())
 
@@ -277,7 +280,7 @@ def _eigendamage_tokens(model: Any, loader: list, x: Any, exclude: set[str]) -> 
 def _recorded_eigenbases() -> Iterator[dict[str, Any]]:
     """Keep the eigenbases ``run_pruning`` computes, so the ``to_eigenbasis`` check reuses
     them instead of paying for the eigendecompositions (most of the time) twice."""
-    from eigendamage import pruner
+    from eigendamage.methods import eigendamage as pruner
 
     seen: dict[str, Any] = {}
     original = getattr(pruner, "stable_eigendecompose", None)
@@ -301,14 +304,14 @@ def run_one(name: str, emit: Any) -> None:
     import torch
     from torch import nn
 
-    from eigendamage.channel_pruner import channel_prune
     from eigendamage.criteria.eigendamage import classifier_name, target_policy
     from eigendamage.curvature import collect_kfac, eigendecompose
-    from eigendamage.curvature.hooks import logits_of
     from eigendamage.io import load_model, save_model
     from eigendamage.measure import count
+    from eigendamage.methods import run_pruning
+    from eigendamage.methods.channel import channel_prune
+    from eigendamage.modelcall import logits_of
     from eigendamage.models import create_model
-    from eigendamage.pruner import run_pruning
     from eigendamage.surgery.eigenbasis import to_eigenbasis
 
     torch.manual_seed(0)

@@ -42,13 +42,13 @@ from eigendamage.io import (
     atomic_write_json,
     build_architecture,
     describe_architecture,
+    is_model_dir,
     load_model,
     save_model,
 )
 from eigendamage.measure import count, measure_latency
+from eigendamage.methods import run_pruning
 from eigendamage.models import create_model
-from eigendamage.models.registry import is_model_dir
-from eigendamage.pruner import run_pruning
 from eigendamage.seeding import seed_everything
 from eigendamage.train import evaluate, recalibrate_bn, reseed_loader, train
 

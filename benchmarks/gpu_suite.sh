@@ -40,7 +40,8 @@ step prune_step 60 $ED bench prune-step -w vgg19-cifar --batches 100 --batch-siz
   --device cuda
 step latency 120 python3 benchmarks/latency.py --device cuda --batch-sizes 1 8 64 \
   --repeats 20 --rounds 3 --warmup 5 --runs "$OUT/runs" --out "$OUT/latency.md"
-step memory 60 python3 -c "from eigendamage.curvature.bench import bench_memory, markdown
+step memory 60 python3 -c "from eigendamage.benchmarking.memory import bench_memory
+from eigendamage.benchmarking.workloads import markdown
 print(markdown(bench_memory(['vgg19-cifar', 'resnet18-32px', 'resnet50-224'], device='cuda')))"
 step libs 60 python3 benchmarks/compare_libs.py --batches 2 --repeats 3 --device cuda
 rm -rf "$OUT/runs"

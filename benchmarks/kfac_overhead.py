@@ -5,7 +5,7 @@ Same as ``eigendamage bench kfac`` (arguments are passed through), e.g.::
     python benchmarks/kfac_overhead.py -w vgg19-cifar -w resnet18-32px --batches 2 --memory
 
 Both passes run interleaved in one process and the minimum over rounds is reported; see
-:mod:`eigendamage.curvature.bench` for the protocol and ``docs/benchmarks.md`` for results.
+:mod:`eigendamage.benchmarking.workloads` for the protocol and ``docs/benchmarks.md`` for results.
 """
 
 import sys

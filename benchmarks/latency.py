@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from eigendamage.io import load_model, save_model
+from eigendamage.io import is_model_dir, load_model, save_model
 from eigendamage.latency import LatencyComparison, latency_table, run_latency_bench
+from eigendamage.methods import run_pruning
 from eigendamage.models import create_model
-from eigendamage.models.registry import is_model_dir
-from eigendamage.pruner import run_pruning
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"resnet50": "torchvision:resnet50", "vit_small": "timm:vit_small_patch16_224"}

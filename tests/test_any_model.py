@@ -22,9 +22,9 @@ from eigendamage.criteria.eigendamage import (
 from eigendamage.curvature import collect_kfac, eigendecompose
 from eigendamage.errors import ModelError
 from eigendamage.io import load_model, save_model
-from eigendamage.models import create_model
+from eigendamage.io import load_or_create as create_model
+from eigendamage.methods import run_pruning
 from eigendamage.models.registry import example_input
-from eigendamage.pruner import run_pruning
 from eigendamage.surgery.eigenbasis import KFEBottleneck, to_eigenbasis
 
 transformers = pytest.importorskip("transformers")

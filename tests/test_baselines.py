@@ -15,14 +15,15 @@ from pydantic import ValidationError
 from torch import nn
 
 from eigendamage import cli
-from eigendamage.channel_pruner import channel_prune
 from eigendamage.compare import RunRecord, _check_methods, result_rows, run_name
 from eigendamage.config import CompareConfig, PruneConfig
 from eigendamage.criteria import CRITERIA, ScoreContext, get_criterion
-from eigendamage.criteria.ranking import layer_fractions, normalized, solve_ratio
+from eigendamage.criteria.ranking import layer_fractions, normalized
 from eigendamage.curvature import KFactors
 from eigendamage.errors import ConfigError
-from eigendamage.pruner import available_methods, run_pruning
+from eigendamage.methods import available_methods, run_pruning
+from eigendamage.methods.budget import solve_ratio
+from eigendamage.methods.channel import channel_prune
 from eigendamage.reported import method_label, sparse_params
 
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))

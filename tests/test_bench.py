@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from eigendamage.benchmarking.memory import peak_memory_mib
+from eigendamage.benchmarking.workloads import markdown
 from eigendamage.cli import app
 from eigendamage.curvature import collect_kfac
-from eigendamage.curvature.bench import markdown, peak_memory_mib
 
 runner = CliRunner()
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from eigendamage.channel_pruner import channel_prune
 from eigendamage.criteria import CRITERIA, ScoreContext, get_criterion
 from eigendamage.criteria.channel_hessian import kron_obs_update
 from eigendamage.curvature import KFactors
 from eigendamage.errors import ConfigError
+from eigendamage.methods.channel import channel_prune
 from eigendamage.structure import ChannelGroups, mask_channels
 
 DAMPING = 1e-3
@@ -338,8 +338,8 @@ def test_end_to_end_with_collected_factors(method) -> None:
 
 
 def test_prune_round_adapter_for_the_pruning_loop(wide) -> None:
-    from eigendamage.channel_pruner import prune_round
     from eigendamage.measure import count
+    from eigendamage.methods import prune_round
 
     shape = (1, 3, 6, 6)
     common = dict(
@@ -370,7 +370,7 @@ def test_prune_round_adapter_for_the_pruning_loop(wide) -> None:
 def test_layers_with_factors_too_wide_to_invert_are_left_unscored(monkeypatch) -> None:
     """K-FAC criteria invert dense float64 factors: a layer wider than ``MAX_SIDE`` (VGG's
     25088-input Linear) is kept whole instead of exhausting memory."""
-    import eigendamage.channel_pruner as cp
+    import eigendamage.methods.channel as cp
 
     monkeypatch.setattr(cp, "MAX_SIDE", 100)  # "right": 12 x 3 x 3 + bias = 109 > 100
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import eigendamage.compare as compare
 from eigendamage.cli import app
 from eigendamage.config import CompareConfig, FineTuneConfig, TrainConfig, load_config
 from eigendamage.errors import ConfigError
-from eigendamage.pruner import available_methods
+from eigendamage.methods import available_methods
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = dict(

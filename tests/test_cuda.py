@@ -20,7 +20,7 @@ from torch import nn
 from eigendamage.curvature import collect_kfac, eigendecompose
 from eigendamage.latency import run_latency_bench
 from eigendamage.measure import count
-from eigendamage.pruner import run_pruning
+from eigendamage.methods import run_pruning
 from eigendamage.surgery.eigenbasis import to_eigenbasis
 
 # EIGENDAMAGE_TEST_DEVICE=cpu dry-runs this file's logic on a machine without a GPU.

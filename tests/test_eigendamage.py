@@ -19,14 +19,14 @@ from eigendamage.criteria.eigendamage import (
 from eigendamage.curvature import collect_kfac, eigendecompose
 from eigendamage.errors import ConfigError
 from eigendamage.measure import count
-from eigendamage.pruner import run_pruning
+from eigendamage.methods import run_pruning
 from eigendamage.surgery.eigenbasis import (
     KFEBottleneck,
-    build,
     form_params,
-    select,
     to_eigenbasis,
 )
+from eigendamage.surgery.eigenbasis import build_form as build
+from eigendamage.surgery.eigenbasis import keep_directions as select
 
 
 def net(w=1):

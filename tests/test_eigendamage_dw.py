@@ -7,18 +7,19 @@ import pytest
 import torch
 from torch import nn
 
-from eigendamage.criteria.eigendamage_dw import (
+from eigendamage.errors import ConfigError
+from eigendamage.io import load_model, save_model
+from eigendamage.measure import count
+from eigendamage.methods import available_methods, prune, run_pruning
+from eigendamage.models import create_model
+from eigendamage.surgery.depthwise import (
     cp_als,
     densify,
     depthwise_separable,
     is_depthwise_core,
 )
-from eigendamage.errors import ConfigError
-from eigendamage.io import load_model, save_model
-from eigendamage.measure import count
-from eigendamage.models import create_model
-from eigendamage.pruner import available_methods, prune, run_pruning
-from eigendamage.surgery.eigenbasis import Factored, build
+from eigendamage.surgery.eigenbasis import Factored
+from eigendamage.surgery.eigenbasis import build_form as build
 
 
 def cp_tensor(d_out: int, d_in: int, k: int, rank: int, seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 from eigendamage.criteria.eigendamage import eigendamage_targets
 from eigendamage.curvature import collect_kfac, eigendecompose
 from eigendamage.curvature.ekfac import kfe_diagonal
-from eigendamage.pruner import run_pruning
+from eigendamage.methods import run_pruning
 from eigendamage.surgery.eigenbasis import to_eigenbasis
 
 

@@ -12,8 +12,8 @@ from eigendamage.cli import app
 from eigendamage.errors import ConfigError
 from eigendamage.export import export_model, max_abs_diff
 from eigendamage.io import load_model, save_model
+from eigendamage.methods import run_pruning
 from eigendamage.models import create_model
-from eigendamage.pruner import run_pruning
 from eigendamage.surgery.eigenbasis import KFEBottleneck
 
 pytest.importorskip("onnxruntime")

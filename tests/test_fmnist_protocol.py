@@ -99,8 +99,8 @@ def test_report_counts_finished_seeds_and_plots(protocol, tmp_path, monkeypatch)
 def test_shipped_protocol_configs_name_real_methods_and_models(protocol, name) -> None:
     import inspect
 
+    from eigendamage.methods import available_methods, run_pruning
     from eigendamage.models import list_models
-    from eigendamage.pruner import available_methods, run_pruning
 
     cfg = protocol.load_protocol(ROOT / "benchmarks" / "configs" / name)
     methods = set(available_methods())

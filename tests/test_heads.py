@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from eigendamage.channel_pruner import channel_prune
 from eigendamage.io import load_model, save_model
+from eigendamage.methods.channel import channel_prune
 from eigendamage.models import create_model
 from eigendamage.models.registry import example_input
 from eigendamage.structure import ChannelGroups, mask_channels, prune_channels

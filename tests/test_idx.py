@@ -23,9 +23,10 @@ from eigendamage.data import idx as idx_mod
 from eigendamage.data.idx import FILES, MAX_DATA_BYTES, read_idx
 from eigendamage.data.transforms import PadRandomCrop, RandomHorizontalFlip
 from eigendamage.errors import DataError, ModelError
+from eigendamage.io import input_shape_of as default_input_shape
 from eigendamage.io import load_model, save_model
 from eigendamage.measure import count
-from eigendamage.models import create_model, default_input_shape, list_models
+from eigendamage.models import create_model, list_models
 
 TRAIN_X, TRAIN_Y, TEST_X, TEST_Y = FILES
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from eigendamage import io
 from eigendamage.errors import EigenDamageError, ModelError, OutputExistsError
-from eigendamage.io import CheckpointError
+from eigendamage.io import CheckpointError, architecture, atomic, module_specs
 from eigendamage.seeding import environment_info, rng_state, seed_everything, set_rng_state
 
 # --------------------------------------------------------------------------- atomic writes
@@ -57,7 +57,7 @@ def test_atomic_write_failure_keeps_old_file_and_cleans_temp(
     def boom(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         io.atomic_write_json(target, {"v": 2})
     monkeypatch.undo()
@@ -234,9 +234,9 @@ class StandInKFE(nn.Sequential):
 
 @pytest.fixture
 def base_builder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(io, "_build_base", _build)
+    monkeypatch.setattr(architecture, "_build_base", _build)
     monkeypatch.setitem(
-        io._REGISTRY,
+        module_specs._REGISTRY,
         "KFEBottleneck",
         io.ModuleType(
             "KFEBottleneck",
@@ -352,7 +352,7 @@ def test_registered_custom_type(tmp_path: Path, base_builder: None) -> None:
     model.features[2] = Scale(2.5)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(
-            io._REGISTRY,
+            module_specs._REGISTRY,
             "Scale",
             io.ModuleType("Scale", lambda m: {"factor": m.factor}, lambda a, ch: Scale(**a)),
         )

@@ -12,8 +12,8 @@ from eigendamage.cli import app
 from eigendamage.errors import ConfigError
 from eigendamage.io import save_model
 from eigendamage.latency import compare_latency, run_latency_bench
+from eigendamage.methods import run_pruning
 from eigendamage.models import create_model
-from eigendamage.pruner import run_pruning
 from eigendamage.surgery import fold as fold_module
 from eigendamage.surgery.eigenbasis import KFEBottleneck
 from eigendamage.surgery.fold import fold_for_speed

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from eigendamage.criteria.weight_level import WEIGHT_METHODS
+from eigendamage.methods import available_methods, run_pruning
 from eigendamage.models import create_model
-from eigendamage.pruner import available_methods, run_pruning
 
 MODELS = {
     "vgg19/4": (dict(name="cifar-vgg", depth=19, width_mult=0.25), (3, 32, 32)),

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from eigendamage.cli.tables import metrics_table, print_table
 from eigendamage.errors import ConfigError
 from eigendamage.report import (
     columns_of,
     format_value,
-    metrics_table,
     plot_tradeoff,
-    print_table,
     write_csv,
     write_markdown_table,
 )

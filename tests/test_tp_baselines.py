@@ -19,9 +19,10 @@ from eigendamage.config import CompareConfig, FineTuneConfig
 from eigendamage.data import make_loaders
 from eigendamage.errors import ConfigError
 from eigendamage.io import load_model, save_model
+from eigendamage.methods import available_methods
+from eigendamage.methods.torch_pruning import TP_METHODS, tp_importance, tp_round
+from eigendamage.methods.tp_gradients import gradients as _gradients
 from eigendamage.models import create_model
-from eigendamage.pruner import available_methods
-from eigendamage.tp_baselines import TP_METHODS, _gradients, tp_importance, tp_round
 
 LOADERS = make_loaders("digits", None, batch_size=64, seed=0)
 MODELS = {

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from eigendamage.cli.progress import Bars
 from eigendamage.errors import ConfigError, DataError, EigenDamageError
 from eigendamage.io import CheckpointError, load_checkpoint
 from eigendamage.train import (
@@ -75,7 +76,7 @@ def test_validation_history_and_log() -> None:
         epochs=2,
         lr=0.05,
         val_loader=_loader(_data(64, seed=1), shuffle=False),
-        progress=True,  # not a TTY under pytest: must be silently disabled
+        progress=Bars(),  # the CLI's bars; not a TTY under pytest: silently disabled
         log=records.append,
     )
     assert [r["epoch"] for r in records] == [1, 2]

@@ -17,8 +17,8 @@ from eigendamage import cli, runner
 from eigendamage.errors import ConfigError, DataError, ModelError
 from eigendamage.io import save_model
 from eigendamage.measure import count
+from eigendamage.methods import run_pruning
 from eigendamage.models import create_model
-from eigendamage.pruner import run_pruning
 from eigendamage.train import evaluate, train
 
 SHAPE = (1, 3, 8, 8)

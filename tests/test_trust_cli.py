@@ -21,6 +21,7 @@ from eigendamage import io, runner
 from eigendamage.cli import main
 from eigendamage.config import TrainConfig, build_config
 from eigendamage.errors import ConfigError, EigenDamageError
+from eigendamage.io import atomic
 
 TRAIN = ["train", "--model", "digits-vgg", "--device", "cpu", "--no-progress"]
 PRUNE = ["prune", "--model", "digits-vgg", "--method", "l1", "--ratio", "0.3", "--no-progress"]
@@ -130,14 +131,14 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
         return real_write(path, data)
 
-    monkeypatch.setattr(io, "atomic_write_bytes", filling_disk)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", filling_disk)
     assert main([*TRAIN, "--epochs", "3", "--out", "o"]) == 3
     line = _one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "--resume" in line
     assert seen, "the second epoch's checkpoint was never written"
     assert checkpoint.read_bytes() == seen["before"]
     assert io.load_checkpoint(checkpoint)["epoch"] == 1
-    monkeypatch.setattr(io, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", real_write)
     assert main([*TRAIN[:1], "--resume", "o", "--no-progress"]) == 0
     assert (tmp_path / "o" / runner.METRICS_FILE).is_file()
     assert not list((tmp_path / "o").glob(".*.tmp"))  # the partial temp file was cleaned up
@@ -151,7 +152,7 @@ def test_full_disk_before_anything_is_saved_leaves_nothing(
     def full(path: Any, data: bytes) -> Path:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(io, "atomic_write_bytes", full)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", full)
     assert main([*TRAIN, "--epochs", "1", "--out", "o"]) == 3
     assert "No space left on device" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()

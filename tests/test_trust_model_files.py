@@ -29,6 +29,7 @@ from torch import nn
 from eigendamage import io
 from eigendamage.cli import main
 from eigendamage.errors import ModelError
+from eigendamage.io import module_specs
 from eigendamage.models import create_model
 
 BUDGET = ["--method", "l1", "--ratio", "0.3", "--finetune-epochs", "0", "--device", "cpu"]
@@ -229,8 +230,8 @@ def test_huge_base_is_refused_before_building(saved: Path, tmp_path: Path) -> No
     doc = _doc(saved)
     doc["base"]["kwargs"]["widths"] = [20000, "M", 20000]
     doc["modules"] = {
-        "features": io._describe(small.features, "features"),
-        "classifier": io._describe(small.classifier, "classifier"),
+        "features": module_specs._describe(small.features, "features"),
+        "classifier": module_specs._describe(small.classifier, "classifier"),
     }
     target = _copy(saved, tmp_path / "m", doc)
     with address_space_limit(), pytest.raises(ModelError, match="base model 'digits-vgg'"):
@@ -313,7 +314,7 @@ HOSTILE: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any] | str], str]]
     ("args-object-value", _module("classifier", {"type": "Linear", "args": {**LINEAR, "bias": {"a": 1}}}), "JSON scalar"),  # noqa: E501
     ("version-true", _mutate("version", True), "version True"),
     ("base-kwargs-device", lambda d: {**d, "base": {**d["base"], "kwargs": {**d["base"]["kwargs"], "device": "meta"}}}, "'device'"),  # noqa: E501
-    ("inside-described", lambda d: {**d, "modules": {"features": io._describe(_small().features, "features"), "features.2": None}}, "lies inside"),  # noqa: E501
+    ("inside-described", lambda d: {**d, "modules": {"features": module_specs._describe(_small().features, "features"), "features.2": None}}, "lies inside"),  # noqa: E501
 ]  # fmt: skip
 
 
@@ -375,7 +376,7 @@ def test_hostile_architecture_through_the_cli(
 def test_default_input_shape_reads_a_model_dir_through_the_checks(
     saved: Path, tmp_path: Path
 ) -> None:
-    from eigendamage.models import default_input_shape
+    from eigendamage.io import input_shape_of as default_input_shape
 
     assert default_input_shape(str(saved), batch_size=2) == (2, 1, 8, 8)
     mutate = next(c[1] for c in HOSTILE if c[0] == "deep-json")
@@ -393,7 +394,7 @@ ARG_NAMES = ["in_features", "out_features", "bias", "in_channels", "out_channels
              "kernel_size", "padding", "stride", "groups", "num_features", "eps", "p",
              "inplace", "normalized_shape", "output_size", "start_dim", "device", "dtype",
              "__class__", "factory_kwargs"]  # fmt: skip
-TYPES = [*io._REGISTRY, "KFEBottleneck", "Warp", "__import__", "os.system", ""]
+TYPES = [*module_specs._REGISTRY, "KFEBottleneck", "Warp", "__import__", "os.system", ""]
 ints = st.one_of(
     st.integers(-2, 16),
     st.integers(10**5, 10**12),
@@ -448,7 +449,11 @@ random_spec = st.fixed_dictionaries(
 )
 _SMALL = _small()
 # Entries that describe the saved model as it is: documents made of these load.
-VALID = [(p, io._describe(m, p)) for p, m in _SMALL.named_modules() if io._lookup(m) is not None]
+VALID = [
+    (p, module_specs._describe(m, p))
+    for p, m in _SMALL.named_modules()
+    if module_specs._lookup(m) is not None
+]
 module_maps = st.one_of(
     st.dictionaries(st.sampled_from(NAMES), st.none() | descs, max_size=3),
     st.lists(st.sampled_from(VALID), max_size=3).map(dict),

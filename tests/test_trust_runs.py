@@ -25,7 +25,7 @@ import torch
 from eigendamage import compare, demo, runner
 from eigendamage.cli import main
 from eigendamage.io import load_model_file, save_model
-from eigendamage.models import create_model
+from eigendamage.io import load_or_create as create_model
 
 PRUNE = ["--method", "eigendamage", "--ratio", "0.3", "--finetune-epochs", "0",
          "--fisher-batches", "2", "--batch-size", "256", "--device", "cpu",

@@ -12,9 +12,10 @@ from .curvature import KFE, KFactors, collect_kfac, eigendecompose
 from .data import make_loaders
 from .errors import EigenDamageError
 from .io import load_model, save_model
+from .io import load_or_create as create_model  # a model name or a saved directory
 from .measure import count, measure_latency
-from .models import create_model, list_models
-from .pruner import PruneResult, available_methods, prune, run_pruning
+from .methods import PruneResult, available_methods, prune, run_pruning
+from .models import list_models
 from .surgery import KFEBottleneck, to_eigenbasis
 
 __version__ = "0.1.0"

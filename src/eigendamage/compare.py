@@ -25,14 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from .config import NORM_SUFFIX, CompareConfig, PruneConfig, TrainConfig, config_to_dict
 from .errors import ConfigError, EigenDamageError, unknown_name
 from .io import (
-    atomic_write_bytes,
     atomic_write_json,
     load_model,
     load_model_file,
@@ -40,22 +39,56 @@ from .io import (
     prepare_output_dir,
 )
 from .measure import measure_latency
+from .methods import available_methods, check_normalize
 from .models import create_from_spec, default_input_shape
 from .models.registry import SPEC_ATTR
-from .prune_checks import check_normalize
-from .pruner import available_methods
-from .report import plot_tradeoff, write_csv, write_markdown_table
+from .report import REFERENCE, write_results
 from .reported import NONZERO_NOTE, method_label, sparse_params
 from .runner import MODEL_DIR, finished_metrics, run_prune, run_train
+from .train.progress import Silent, TrainProgress
 
 Log = Callable[[str], None]
 RUNS_DIR = "runs"
 TRAIN_DIR = "train"
 TRAIN_CONFIG = "train.json"
-REFERENCE = "original"
 LATENCY_THREADS = 1  # one thread: timings on a shared machine vary least
 LATENCY_PASSES = 3  # interleaved passes over all models; the fastest median counts
 _BUDGET_LABEL = {"ratio": "ratio", "target_params": "params", "target_flops": "flops"}
+
+
+class CompareProgress(TrainProgress, Protocol):
+    """What :func:`run_compare` reports as it goes: the training of the model first (as
+    :class:`~eigendamage.train.TrainProgress`), then one step per run and one for latency.
+    The CLI draws it (:mod:`eigendamage.cli.progress`); the library prints nothing."""
+
+    def start_runs(self, total: int, log: Log) -> Log:
+        """``total`` steps begin; returns the log to use until :meth:`stop_runs` (a live
+        display prints log lines above itself)."""
+
+    def show_run(self, what: str) -> None:
+        """The step now running."""
+
+    def run_done(self) -> None:
+        """A step ended."""
+
+    def stop_runs(self) -> None:
+        """The steps ended, finished or not."""
+
+
+class _SilentRuns(Silent):
+    """The default: progress goes nowhere."""
+
+    def start_runs(self, total: int, log: Log) -> Log:
+        return log
+
+    def show_run(self, what: str) -> None:
+        pass
+
+    def run_done(self) -> None:
+        pass
+
+    def stop_runs(self) -> None:
+        pass
 
 
 @dataclass
@@ -107,13 +140,14 @@ def run_compare(
     resume: bool = False,
     allow_pickle: bool = False,
     log: Log = print,
-    progress: bool = True,
+    progress: CompareProgress | None = None,
 ) -> list[dict[str, Any]]:
     """Prune ``cfg``'s model with every method at every budget; returns the result rows.
 
     ``train`` trains a model first (into ``OUT/train``; ``OUT/train.json`` keeps its
     config for resuming) and prunes that checkpoint instead of ``cfg.model``/``checkpoint``.
     ``allow_pickle`` lets a legacy ``torch.save`` checkpoint load (see ``run_prune``).
+    ``progress`` follows the training and the runs (default: nothing is shown).
     """
     if train is None and cfg.checkpoint is None:
         raise ConfigError(
@@ -134,7 +168,7 @@ def _compare(
     resume: bool,
     allow_pickle: bool,
     log: Log,
-    progress: bool,
+    progress: CompareProgress | None,
 ) -> list[dict[str, Any]]:
     atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
     if train is not None:
@@ -146,20 +180,22 @@ def _compare(
         cfg = CompareConfig(**fields, checkpoint=str(out_dir / TRAIN_DIR / MODEL_DIR))
     records = []
     runs = cfg.runs()
-    with _progress(progress) as bar:
-        say = log if bar.disable else _printer(bar.console)
-        task = bar.add_task("compare", total=len(runs) + 1)
+    bar = progress or _SilentRuns()
+    say = bar.start_runs(len(runs) + 1, log)
+    try:
         for run_cfg in runs:
             name = run_name(run_cfg)
-            bar.update(task, description=name)
+            bar.show_run(name)
             run_dir = out_dir / RUNS_DIR / name
             record = _run_one(run_cfg, name, run_dir, force, resume, allow_pickle, say)
             records.append(record)
             say(f"{name}: {'finished before' if record.skipped else record.error or 'done'}")
-            bar.advance(task)
-        bar.update(task, description="measuring latency")
+            bar.run_done()
+        bar.show_run("measuring latency")
         rows = result_rows(_reference_model(cfg, records, allow_pickle), records)
-        bar.advance(task)
+        bar.run_done()
+    finally:
+        bar.stop_runs()
     write_results(
         rows,
         out_dir,
@@ -182,32 +218,11 @@ def _run_one(
         return RunRecord(name, run_dir, cfg, done, skipped=True)
     try:
         metrics = run_prune(
-            cfg,
-            run_dir,
-            force=force,
-            resume=resume,
-            allow_pickle=allow_pickle,
-            log=log,
-            progress=False,
+            cfg, run_dir, force=force, resume=resume, allow_pickle=allow_pickle, log=log
         )
     except EigenDamageError as exc:
         return RunRecord(name, run_dir, cfg, error=str(exc))
     return RunRecord(name, run_dir, cfg, metrics)
-
-
-def _progress(enabled: bool) -> Any:
-    """A bar over the runs on stderr; disabled (a no-op) without a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    return Progress(*columns, console=console, disable=not (enabled and console.is_terminal))
-
-
-def _printer(console: Any) -> Log:
-    """Log lines printed above a live progress bar."""
-    return lambda message: console.print(message, markup=False, highlight=False)
 
 
 def _reference_model(
@@ -309,89 +324,3 @@ def result_rows(reference: nn.Module | None, records: list[RunRecord]) -> list[d
             }
         )
     return rows
-
-
-COLUMNS = (
-    "method",
-    "budget",
-    "rounds",
-    "status",
-    "test_acc",
-    "val_acc",
-    "test_acc_change",
-    "params",
-    "flops",
-    "params_removed_pct",
-    "flops_removed_pct",
-    "latency_ms",
-    "speedup",
-    "last_round_ratio",
-    "prune_s",
-    "finetune_s",
-    "run",
-    "error",
-    "note",
-)
-
-
-def _fmt(value: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    return format(value if scale == 1 else scale * value, spec) + unit
-
-
-def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The rows as the Markdown table shows them (percent, points, ms, x)."""
-    return [
-        {
-            "method": r["method"],
-            "budget": r["budget"],
-            "test acc (%)": _fmt(r.get("test_acc"), ".2f", 100),
-            "change (pt)": _fmt(r.get("test_acc_change"), "+.2f", 100),
-            "params removed (%)": _fmt(r.get("params_removed_pct"), ".1f"),
-            "FLOPs removed (%)": _fmt(r.get("flops_removed_pct"), ".1f"),
-            "params": _fmt(r.get("params"), ","),
-            "FLOPs": _fmt(r.get("flops"), ","),
-            "latency (ms)": _fmt(r.get("latency_ms"), ".3f"),
-            "speed-up": _fmt(r.get("speedup"), ".2f", unit="x"),
-            "note": r.get("error") or r.get("note") or "",
-        }
-        for r in rows
-    ]
-
-
-def write_results(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> None:
-    """``results.csv`` (full precision), ``results.md`` and the two trade-off plots."""
-    write_csv(out_dir / "results.csv", rows, COLUMNS)
-    write_markdown_table(out_dir / "results.md", markdown_rows(rows))
-    reference = next(r for r in rows if r["status"] == "reference")
-    plotted = [
-        {**r, "test accuracy (%)": 100 * r["test_acc"]}
-        for r in rows
-        if r["status"] == "ok" and r.get("test_acc") is not None
-    ]
-    if not plotted:
-        return
-    for x, stem in (("params_removed_pct", "acc_vs_params"), ("flops_removed_pct", "acc_vs_flops")):
-        path = out_dir / f"{stem}.png"
-        fig = plot_tradeoff(plotted, path, x=x, y="test accuracy (%)", title=title)
-        _restyle(fig, reference.get("test_acc"), path)
-
-
-def _restyle(fig: Any, reference_acc: float | None, path: Path) -> None:
-    """Distinct colours for up to 20 methods (the default cycle repeats after 10) and the
-    unpruned model as a dashed horizontal line; rewrites ``path``."""
-    import io as _stdio
-
-    from matplotlib import colormaps
-
-    ax = fig.axes[0]
-    colors = colormaps["tab20"].colors
-    for i, line in enumerate(ax.get_lines()):
-        line.set_color(colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
-    if reference_acc is not None:
-        ax.axhline(100 * reference_acc, color="black", linestyle="--", linewidth=1, label=REFERENCE)
-    ax.legend(title="method", fontsize="small")
-    buf = _stdio.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())

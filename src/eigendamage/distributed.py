@@ -35,6 +35,8 @@ from .curvature.factors import KFactors
 from .errors import ConfigError
 
 T = TypeVar("T")
+# What a sharded training loader keeps of the loader it replaces.
+_KEPT_LOADER_SETTINGS = ("num_workers", "collate_fn", "pin_memory", "drop_last", "worker_init_fn")
 
 __all__ = [
     "DistInfo",
@@ -211,16 +213,13 @@ def shard_loader(loader: DataLoader, seed: int = 0) -> DataLoader:
     sampler = ShardedSampler(
         len(loader.dataset), rank(), world, isinstance(loader.sampler, RandomSampler), seed
     )
+    kept = {name: getattr(loader, name) for name in _KEPT_LOADER_SETTINGS}
     return DataLoader(
         loader.dataset,
         batch_size=loader.batch_size // world,
         sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        worker_init_fn=loader.worker_init_fn,
         generator=sampler.generator,
+        **kept,
     )
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature.hooks import eval_mode, logits_of
 from .errors import ConfigError, ModelError
-from .io import _atomic_target
+from .io.atomic import _atomic_target
+from .modelcall import eval_mode, logits_of
 
 FORMATS = ("onnx", "pt2")
 # torch.onnx's own threshold: initializers above it go to an external data file.

@@ -23,13 +23,19 @@ from torch import nn
 
 from .errors import ConfigError
 from .measure import count, measure_latency
+from .modelcall import model_device
 from .models.registry import SPEC_ATTR, example_input
 from .surgery.fold import flush_denormals
 
 
 @dataclass(frozen=True)
 class LatencyComparison:
-    """One batch size: median latencies (ms) of each model and ratios to the baseline."""
+    """One batch size: median latencies (ms) of each model and ratios to the baseline.
+
+    ``speedup`` is the baseline's ms over each model's; the reductions are the fractions of
+    the baseline's FLOPs and parameters removed; ``forms`` counts, per folded entry, the
+    exact forms :func:`~eigendamage.surgery.fold.fold_for_speed` chose.
+    """
 
     batch_size: int
     device: str
@@ -77,11 +83,6 @@ def _probe(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=gen)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def input_shape_of(model: nn.Module) -> tuple[int, ...]:
     """The per-example input shape (batch 1) recorded in the model's spec."""
     return tuple(example_input(model, 1).shape)
@@ -112,7 +113,7 @@ def compare_latency(
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     shape = tuple(input_shape) if input_shape is not None else input_shape_of(models[baseline])
     counts = {
-        name: count(model, example_inputs=_probe(model, shape).to(_device_of(model)))
+        name: count(model, example_inputs=_probe(model, shape).to(model_device(model)))
         for name, model in models.items()
     }
     base = counts[baseline]

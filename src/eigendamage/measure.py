@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .errors import ConfigError, ModelError
+from .modelcall import eval_mode, run_model
 
 DEFAULT_INPUT_SHAPE = (1, 3, 32, 32)
 
@@ -94,14 +95,6 @@ def _random_input(model: nn.Module, shape: tuple[int, ...], device: Any = None) 
     return torch.randn(shape, generator=gen, dtype=dtype).to(device)
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
-
-
 def count(
     model: nn.Module,
     input_shape: Sequence[int] | None = None,
@@ -137,16 +130,14 @@ def count(
 
         return hook
 
-    modes = [(m, m.training) for m in model.modules()]
     handles = []
     try:
         for name, m in model.named_modules():
             if isinstance(m, _COUNTED):
                 handles.append(m.register_forward_hook(make_hook(name), with_kwargs=True))
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             try:
-                _call(model, example_inputs)
+                run_model(model, example_inputs)
             except RuntimeError as e:
                 shape = getattr(example_inputs, "shape", None)
                 where = f" with input shape {tuple(shape)}" if shape is not None else ""
@@ -156,8 +147,6 @@ def count(
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
 
     params = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates
     flops = sum(f for _, f in per_layer.values())
@@ -237,14 +226,12 @@ def measure_latency(
             torch.cuda.synchronize(dev)
 
     prev_threads = torch.get_num_threads()
-    modes = [(m, m.training) for m in model.modules()]
     times: list[float] = []
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         used_threads = torch.get_num_threads()
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for _ in range(warmup):
                 model(x)
             sync()
@@ -254,8 +241,6 @@ def measure_latency(
                 sync()
                 times.append((time.perf_counter() - t0) * 1e3)
     finally:
-        for m, training in modes:
-            m.training = training
         if threads is not None:
             torch.set_num_threads(prev_threads)
 

@@ -1,4 +1,6 @@
-"""Result tables (terminal, Markdown, CSV) and accuracy-vs-compression trade-off plots.
+"""Result tables (Markdown, CSV) and accuracy-vs-compression trade-off plots, and the files
+a comparison writes from its rows (``results.csv``/``.md`` and two plots); the terminal's
+tables are the CLI's (:mod:`eigendamage.cli.tables`).
 
 Rows are plain dicts (one per method x budget), so every output is a view of the same data;
 all files are written atomically so a half-finished sweep never leaves a broken table.
@@ -17,14 +19,20 @@ from typing import Any
 from .errors import ConfigError
 from .io import atomic_write_bytes, atomic_write_text
 
+Rows = Sequence[Mapping[str, Any]]
+Columns = Sequence[str] | None  # None: every key of the rows, in first-seen order
+PathLike = str | os.PathLike[str]
+
 __all__ = [
+    "COLUMNS",
+    "REFERENCE",
     "columns_of",
     "format_value",
-    "metrics_table",
+    "markdown_rows",
     "plot_tradeoff",
-    "print_table",
     "write_csv",
     "write_markdown_table",
+    "write_results",
 ]
 
 
@@ -54,47 +62,11 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def metrics_table(
-    rows: Sequence[Mapping[str, Any]],
-    title: str | None = None,
-    columns: Sequence[str] | None = None,
-) -> Any:
-    """A ``rich.table.Table`` of ``rows`` (numbers right-aligned)."""
-    from rich.table import Table
-
-    cols = list(columns) if columns is not None else columns_of(rows)
-    table = Table(title=title)
-    for col in cols:
-        numeric = any(
-            isinstance(r.get(col), int | float) and not isinstance(r.get(col), bool) for r in rows
-        )
-        table.add_column(col, justify="right" if numeric else "left")
-    for row in rows:
-        table.add_row(*(format_value(row.get(c)) for c in cols))
-    return table
-
-
-def print_table(
-    rows: Sequence[Mapping[str, Any]],
-    title: str | None = None,
-    columns: Sequence[str] | None = None,
-    console: Any = None,
-) -> None:
-    """Print :func:`metrics_table` to ``console`` (stdout by default)."""
-    from rich.console import Console
-
-    (console or Console()).print(metrics_table(rows, title, columns))
-
-
 def _md_cell(value: Any) -> str:
     return format_value(value).replace("|", "\\|").replace("\n", " ")
 
 
-def write_markdown_table(
-    path: str | os.PathLike[str],
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-) -> Path:
+def write_markdown_table(path: PathLike, rows: Rows, columns: Columns = None) -> Path:
     """GitHub-flavoured Markdown table: header, separator, one line per row."""
     cols = list(columns) if columns is not None else columns_of(rows)
     if not cols:
@@ -107,11 +79,7 @@ def write_markdown_table(
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def write_csv(
-    path: str | os.PathLike[str],
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-) -> Path:
+def write_csv(path: PathLike, rows: Rows, columns: Columns = None) -> Path:
     """CSV with full-precision values; columns in first-seen order, missing cells empty."""
     cols = list(columns) if columns is not None else columns_of(rows)
     buf = _stdio.StringIO()
@@ -140,8 +108,8 @@ _LABELS = {
 
 
 def plot_tradeoff(
-    rows: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike[str],
+    rows: Rows,
+    path: PathLike,
     *,
     x: str = "params_removed_pct",
     y: str = "test_acc",
@@ -188,3 +156,91 @@ def plot_tradeoff(
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
     return fig
+
+
+# --------------------------------------------------------------------------- a comparison
+
+REFERENCE = "original"  # the unpruned model's row
+
+COLUMNS = (
+    "method",
+    "budget",
+    "rounds",
+    "status",
+    "test_acc",
+    "val_acc",
+    "test_acc_change",
+    "params",
+    "flops",
+    "params_removed_pct",
+    "flops_removed_pct",
+    "latency_ms",
+    "speedup",
+    "last_round_ratio",
+    "prune_s",
+    "finetune_s",
+    "run",
+    "error",
+    "note",
+)
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value if scale == 1 else scale * value, spec) + unit
+
+
+def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The rows as the Markdown table shows them (percent, points, ms, x)."""
+    return [
+        {
+            "method": r["method"],
+            "budget": r["budget"],
+            "test acc (%)": _fmt(r.get("test_acc"), ".2f", 100),
+            "change (pt)": _fmt(r.get("test_acc_change"), "+.2f", 100),
+            "params removed (%)": _fmt(r.get("params_removed_pct"), ".1f"),
+            "FLOPs removed (%)": _fmt(r.get("flops_removed_pct"), ".1f"),
+            "params": _fmt(r.get("params"), ","),
+            "FLOPs": _fmt(r.get("flops"), ","),
+            "latency (ms)": _fmt(r.get("latency_ms"), ".3f"),
+            "speed-up": _fmt(r.get("speedup"), ".2f", unit="x"),
+            "note": r.get("error") or r.get("note") or "",
+        }
+        for r in rows
+    ]
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> None:
+    """``results.csv`` (full precision), ``results.md`` and the two trade-off plots."""
+    write_csv(out_dir / "results.csv", rows, COLUMNS)
+    write_markdown_table(out_dir / "results.md", markdown_rows(rows))
+    reference = next(r for r in rows if r["status"] == "reference")
+    plotted = [
+        {**r, "test accuracy (%)": 100 * r["test_acc"]}
+        for r in rows
+        if r["status"] == "ok" and r.get("test_acc") is not None
+    ]
+    if not plotted:
+        return
+    for x, stem in (("params_removed_pct", "acc_vs_params"), ("flops_removed_pct", "acc_vs_flops")):
+        path = out_dir / f"{stem}.png"
+        fig = plot_tradeoff(plotted, path, x=x, y="test accuracy (%)", title=title)
+        _restyle(fig, reference.get("test_acc"), path)
+
+
+def _restyle(fig: Any, reference_acc: float | None, path: Path) -> None:
+    """Distinct colours for up to 20 methods (the default cycle repeats after 10) and the
+    unpruned model as a dashed horizontal line; rewrites ``path``."""
+    from matplotlib import colormaps
+
+    ax = fig.axes[0]
+    colors = colormaps["tab20"].colors
+    for i, line in enumerate(ax.get_lines()):
+        line.set_color(colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
+    if reference_acc is not None:
+        ax.axhline(100 * reference_acc, color="black", linestyle="--", linewidth=1, label=REFERENCE)
+    ax.legend(title="method", fontsize="small")
+    buf = _stdio.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())

@@ -11,13 +11,16 @@ surviving weights of a layer whose output rows are removed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..curvature import collect_kfac
 from ..curvature.factors import KFactors
+from ..curvature.hooks import DataPass
+from ..curvature.types import ConvMode
 from ..errors import ConfigError, unknown_name
 
 NEEDS = frozenset({"kfac", "diag", "bn"})
@@ -39,6 +42,26 @@ class ScoreContext:
     factors: Mapping[str, KFactors] = field(default_factory=dict)
     damping: float = 1e-3
     seed: int = 0
+
+
+def collect_factors(
+    model: nn.Module,
+    loader: Iterable | None,
+    data: DataPass,
+    modules: Iterable[str] | None,
+    *,
+    needed_by: str,
+    diag: bool = False,
+    conv_mode: ConvMode = "patch",
+) -> dict[str, KFactors]:
+    """K-FAC factors of ``modules`` from a pass over ``loader`` as ``data`` says (with the
+    diagonal Fisher if ``diag``); a :class:`ConfigError` naming ``needed_by`` without data."""
+    if loader is None:
+        raise ConfigError(f"{needed_by} needs curvature: pass a data loader (or factors=)")
+    return collect_kfac(
+        model, loader, fisher=data.fisher, batches=data.batches, samples=data.samples,
+        seed=data.seed, device=data.device, conv_mode=conv_mode, modules=modules, diag=diag,
+    )  # fmt: skip
 
 
 class ChannelCriterion(ABC):

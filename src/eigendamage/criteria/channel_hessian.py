@@ -33,6 +33,7 @@ Grouped (depthwise) layers are handled block by block: ``W`` is viewed as
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ from torch import nn
 from ..curvature.factors import KFactors
 from ..errors import CurvatureError, ModelError
 from .base import ChannelCriterion, ScoreContext, register, require_factors
+
+# (W, its factors, removed-row mask, layer name) -> the OBS update Delta W of that layer
+Step = Callable[[torch.Tensor, KFactors, torch.Tensor, str], torch.Tensor]
 
 
 def layer_matrix(module: nn.Module, f: KFactors) -> torch.Tensor:
@@ -63,7 +67,7 @@ def factor_blocks(f: KFactors) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(m.double().reshape(f.groups, m.shape[-1], m.shape[-1]) for m in (f.A, f.S))
 
 
-def damped(m: torch.Tensor, damping: float) -> torch.Tensor:
+def damped_factor(m: torch.Tensor, damping: float) -> torch.Tensor:
     """``M + gamma I`` with ``gamma = damping * mean(diag M)`` per block.
 
     ``mean(diag M)`` is the mean eigenvalue, so this is ``curvature.eigen.damped``'s
@@ -78,8 +82,8 @@ def damped(m: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def damped_inverse(m: torch.Tensor, damping: float, where: str) -> torch.Tensor:
-    """``(M + gamma I)^-1`` by Cholesky (see :func:`damped`); singular -> CurvatureError."""
-    chol, info = torch.linalg.cholesky_ex(damped(m, damping))
+    """``(M + gamma I)^-1`` by Cholesky (see :func:`damped_factor`); singular -> CurvatureError."""
+    chol, info = torch.linalg.cholesky_ex(damped_factor(m, damping))
     if info.any():
         raise CurvatureError(f"{where} is singular; use a damping > 0 (e.g. 1e-3)")
     return torch.cholesky_inverse(chol)
@@ -126,6 +130,22 @@ class _KFACCriterion(ChannelCriterion):
     def _score(self, w: torch.Tensor, f: KFactors, damping: float, name: str) -> torch.Tensor:
         """Per-output-row ``Delta L`` of one layer's weight matrix ``w``."""
 
+    def _updates(
+        self, model: nn.Module, ctx: ScoreContext, pruned: Mapping[str, torch.Tensor], step: Step
+    ) -> dict[str, torch.Tensor]:
+        """``{layer: step(W, factors, removed-row mask, layer)}`` flattened like ``W``."""
+        out = {}
+        for name, rows in pruned.items():
+            f = require_factors(ctx, name, self.name)
+            w = layer_matrix(model.get_submodule(name), f)
+            out[name] = step(w, f, _rows(rows, w), name).reshape(-1, w.shape[-1])
+        return out
+
+
+def _s_inverse(f: KFactors, damping: float, name: str) -> torch.Tensor:
+    """The damped ``S^-1`` stack of layer ``name``."""
+    return damped_inverse(factor_blocks(f)[1], damping, f"layer {name!r}: factor S")
+
 
 class COBD(_KFACCriterion):
     """C-OBD: ``1/2 sum_j W_ij^2 F_ij`` with the exact diagonal Fisher."""
@@ -168,14 +188,12 @@ class COBS(_KFACCriterion):
         return 0.5 * (w**2 / inverse_diag(a_inv, s_inv)).sum(-1)
 
     def update(self, model, ctx, pruned):
-        out = {}
-        for name, rows in pruned.items():
-            f = require_factors(ctx, name, self.name)
-            w = layer_matrix(model.get_submodule(name), f)
+        def step(w, f, removed, name):
             a_inv, s_inv = kron_inverses(f, ctx.damping, name)
-            c = torch.where(_rows(rows, w)[..., None], w / inverse_diag(a_inv, s_inv), 0.0)
-            out[name] = (-(s_inv @ c @ a_inv)).reshape(-1, w.shape[-1])
-        return out
+            c = torch.where(removed[..., None], w / inverse_diag(a_inv, s_inv), 0.0)
+            return -(s_inv @ c @ a_inv)
+
+        return self._updates(model, ctx, pruned, step)
 
 
 class KronOBS(_KFACCriterion):
@@ -184,19 +202,15 @@ class KronOBS(_KFACCriterion):
     name = "kron-obs"
 
     def _score(self, w, f, damping, name):
-        a, s = factor_blocks(f)
-        s_inv = damped_inverse(s, damping, f"layer {name!r}: factor S")
-        return 0.5 * _quad_rows(w, damped(a, damping)) / s_inv.diagonal(dim1=-2, dim2=-1)
+        a = factor_blocks(f)[0]
+        s_inv = _s_inverse(f, damping, name)
+        return 0.5 * _quad_rows(w, damped_factor(a, damping)) / s_inv.diagonal(dim1=-2, dim2=-1)
 
     def update(self, model, ctx, pruned):
-        out = {}
-        for name, rows in pruned.items():
-            f = require_factors(ctx, name, self.name)
-            w = layer_matrix(model.get_submodule(name), f)
-            _, s = factor_blocks(f)
-            s_inv = damped_inverse(s, ctx.damping, f"layer {name!r}: factor S")
-            out[name] = kron_obs_update(w, s_inv, _rows(rows, w)).reshape(-1, w.shape[-1])
-        return out
+        def step(w, f, removed, name):
+            return kron_obs_update(w, _s_inverse(f, ctx.damping, name), removed)
+
+        return self._updates(model, ctx, pruned, step)
 
 
 class KronOBSOrig(_KFACCriterion):
@@ -206,21 +220,17 @@ class KronOBSOrig(_KFACCriterion):
     name = "kron-obs-orig"
 
     def _score(self, w, f, damping, name):
-        a, s = factor_blocks(f)
-        s_inv = damped_inverse(s, damping, f"layer {name!r}: factor S")
+        a = factor_blocks(f)[0]
+        s_inv = _s_inverse(f, damping, name)
         return 0.5 * ((w * w) @ a).sum(-1) / s_inv.diagonal(dim1=-2, dim2=-1)
 
     def update(self, model, ctx, pruned):
-        out = {}
-        for name, rows in pruned.items():
-            f = require_factors(ctx, name, self.name)
-            w = layer_matrix(model.get_submodule(name), f)
-            _, s = factor_blocks(f)
-            s_inv = damped_inverse(s, ctx.damping, f"layer {name!r}: factor S")
-            coef = torch.where(_rows(rows, w)[..., None], w, 0.0)
-            coef = coef / s_inv.diagonal(dim1=-2, dim2=-1)[..., None]
-            out[name] = (-(s_inv @ coef)).reshape(-1, w.shape[-1])
-        return out
+        def step(w, f, removed, name):
+            s_inv = _s_inverse(f, ctx.damping, name)
+            coef = torch.where(removed[..., None], w, 0.0)
+            return -(s_inv @ (coef / s_inv.diagonal(dim1=-2, dim2=-1)[..., None]))
+
+        return self._updates(model, ctx, pruned, step)
 
 
 def kron_obs_update(w: torch.Tensor, s_inv: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:

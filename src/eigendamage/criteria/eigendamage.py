@@ -41,20 +41,22 @@ import torch
 from torch import nn
 
 from ..curvature.factors import KFE
-from ..curvature.hooks import call_model, eval_mode, is_plain_layer, model_device, to_device
-from ..errors import ConfigError
+from ..layers import is_plain_layer
+from ..modelcall import call_model, eval_mode, model_device, to_device
 from ..surgery.eigenbasis import (
     Factored,
+    Form,
     KFEBottleneck,
-    build,
+    build_form,
     cheapest_form,
-    factor,
     form_params,
+    in_eigenbasis,
+    keep_directions,
     layer_path,
-    rotate,
-    select,
     set_submodule,
+    to_factored,
 )
+from .amounts import check_fraction
 
 
 @dataclass
@@ -72,7 +74,7 @@ class LayerPlan:
 
     keep_in: torch.Tensor
     keep_out: torch.Tensor
-    form: str = "full"
+    form: Form = "full"
     params_before: int = 0
     params_after: int = 0
 
@@ -89,7 +91,7 @@ class EigenDamagePlan:
 def rotated_layers(model: nn.Module, kfe: dict[str, KFE]) -> dict[str, Factored]:
     """Every target layer (keyed by its core's name) expressed in its new eigenbasis."""
     return {
-        name: rotate(factor(model.get_submodule(layer_path(name, model))), basis)
+        name: in_eigenbasis(to_factored(model.get_submodule(layer_path(name, model))), basis)
         for name, basis in kfe.items()
     }
 
@@ -117,10 +119,8 @@ def plan_pruning(
     removed, as in the paper; ``per_layer_cap`` is the largest fraction removed from one
     side of one layer; the best-scoring direction of each side always survives.
     """
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
-    if not 0.0 < per_layer_cap <= 1.0:
-        raise ConfigError(f"per_layer_cap must be in (0, 1], got {per_layer_cap}")
+    check_fraction("ratio", ratio, open_low=False, open_high=True)
+    check_fraction("per_layer_cap", per_layer_cap, open_low=True, open_high=False)
     everything = torch.cat([torch.cat([s.inputs, s.outputs]) for s in scores.values()])
     total = everything.numel()
     n_prune = int(math.floor(ratio * total))
@@ -136,9 +136,9 @@ def plan_pruning(
         for side in (s.inputs, s.outputs):
             mask = pruned_mask[offset : offset + side.numel()]
             offset += side.numel()
-            sides.append(_keep_indices(side, mask, per_layer_cap))
+            sides.append(keep_indices(side, mask, per_layer_cap))
         f = rotated[name]
-        kept = select(f, sides[0], sides[1])
+        kept = keep_directions(f, sides[0], sides[1])
         dense = form_params(f, "dense")
         form = cheapest_form(kept, dense)
         if form == "dense":  # no pruned form is smaller: leave this layer unpruned
@@ -157,7 +157,7 @@ def plan_pruning(
     return plan
 
 
-def _keep_indices(scores: torch.Tensor, pruned: torch.Tensor, cap: float) -> torch.Tensor:
+def keep_indices(scores: torch.Tensor, pruned: torch.Tensor, cap: float) -> torch.Tensor:
     """Indices that survive on one side, honouring the cap and keeping >= 1 direction."""
     size = scores.numel()
     max_pruned = min(int(math.floor(cap * size)), size - 1)
@@ -176,7 +176,7 @@ def apply_plan(model: nn.Module, rotated: dict[str, Factored], plan: EigenDamage
         if lp.form == "dense":
             # Unpruned this round: keep the layer as it is (a bottleneck stays one).
             continue
-        set_submodule(model, path, build(select(f, lp.keep_in, lp.keep_out), lp.form))
+        set_submodule(model, path, build_form(keep_directions(f, lp.keep_in, lp.keep_out), lp.form))
     return model
 
 

@@ -26,9 +26,12 @@ import torch
 from torch import nn
 
 from ..curvature.factors import KFactors
+from ..curvature.hooks import DataPass
+from ..curvature.types import FisherType
 from ..errors import ConfigError
 from ..surgery.channels import apply_weight_update_
-from .base import GlobalRanking
+from .amounts import check_fraction
+from .base import GlobalRanking, collect_factors
 from .channel_hessian import factor_blocks, inverse_diag, kron_inverses, layer_matrix
 
 WEIGHT_METHODS = ("obd", "obs")
@@ -91,7 +94,7 @@ def weight_prune(
     modules: Iterable[str] | None = None,
     diag: bool = False,
     per_layer_cap: float = 0.95,
-    fisher: str = "true",
+    fisher: FisherType = "true",
     fisher_batches: int | None = None,
     fisher_samples: int = 1,
     damping: float = 1e-3,
@@ -111,25 +114,12 @@ def weight_prune(
         raise ConfigError(f"weight-level method must be one of {WEIGHT_METHODS}, got {method!r}")
     if diag and method != "obd":
         raise ConfigError("diag=True (diagonal Fisher) applies to method 'obd' only")
-    if not 0 <= ratio <= 1 or not 0 <= per_layer_cap <= 1:
-        raise ConfigError(
-            f"ratio and per_layer_cap must lie in [0, 1], got {ratio}, {per_layer_cap}"
-        )
+    check_fraction("ratio", ratio, open_low=False, open_high=False)
+    check_fraction("per_layer_cap", per_layer_cap, open_low=False, open_high=False)
     modules = None if modules is None else list(modules)
     if factors is None:
-        from ..curvature import collect_kfac
-
-        factors = collect_kfac(
-            model,
-            loader,
-            fisher=fisher,
-            batches=fisher_batches,
-            samples=fisher_samples,
-            modules=modules,
-            diag=diag,
-            seed=seed,
-            device=device,
-        )
+        data = DataPass(fisher, fisher_batches, fisher_samples, seed, device)
+        factors = collect_factors(model, loader, data, modules, needed_by=method, diag=diag)
     if modules is not None:
         missing = [n for n in modules if n not in factors]
         if missing:

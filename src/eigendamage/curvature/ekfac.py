@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..layers import adapter_of
 from .factors import KFE
-from .hooks import iterate_layer_calls, resolve_targets
-from .patches import grad_rows, linear_rows, unfold_patches
+from .hooks import DataPass, LayerCall, resolve_targets
+from .types import FisherType
 
 _CHUNK = 1 << 24  # elements of per-example gradients held at once
 
@@ -43,7 +44,7 @@ def kfe_diagonal(
     loader: Iterable,
     kfe: dict[str, KFE],
     *,
-    fisher: str = "true",
+    fisher: FisherType = "true",
     batches: int | None = None,
     samples: int = 1,
     seed: int = 0,
@@ -61,32 +62,28 @@ def kfe_diagonal(
             raise ModelError(f"layer {name!r}: EKFAC diagonal of grouped convs is not supported")
     sums: dict[str, torch.Tensor] = {}
     num_examples = 0
-    for n, per_layer in iterate_layer_calls(
-        model,
-        loader,
-        targets,
-        fisher=fisher,
-        batches=batches,
-        samples=samples,
-        seed=seed,
-        device=device,
-    ):
+    data = DataPass(fisher=fisher, batches=batches, samples=samples, seed=seed, device=device)
+    for n, per_layer in data.layer_calls(model, loader, targets):
         num_examples += n
         for name, calls in per_layer.items():
-            module = targets[name]
-            q_a = kfe[name].A.Q.to(device=calls[0].inputs.device, dtype=dtype)
-            q_s = kfe[name].S.Q.to(device=calls[0].inputs.device, dtype=dtype)
+            dev = calls[0].inputs.device
             for call in calls:
-                conv = isinstance(module, nn.Conv2d)
-                g = grad_rows(call.grad_output.to(dtype), conv=conv)[:, 0] @ q_s  # (N, T, O')
-                x = call.inputs.to(dtype)
-                if isinstance(module, nn.Conv2d):
-                    u = unfold_patches(x, module)[:, 0]  # (N, T, C*K)
-                    k = module.kernel_size[0] * module.kernel_size[1]
-                    u = u.reshape(u.shape[0], u.shape[1], -1, k)  # (N, T, C, K)
-                    a = torch.einsum("ntck,ci->ntik", u, q_a)
-                else:
-                    a = (linear_rows(x)[:, 0] @ q_a).unsqueeze(-1)  # (N, T, I, 1)
+                g, a = _rotated_rows(targets[name], kfe[name], call, dtype, dev)
                 contribution = _rotated_square_sum(g, a)
                 sums[name] = contribution if name not in sums else sums[name] + contribution
     return {name: total / max(num_examples, 1) for name, total in sums.items()}
+
+
+def _rotated_rows(
+    module: nn.Module, kfe: KFE, call: LayerCall, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call's output gradients ``(N, T, O)`` and inputs ``(N, T, I, K)`` in the KFE."""
+    adapter = adapter_of(module)
+    q_a = kfe.A.Q.to(device=device, dtype=dtype)
+    q_s = kfe.S.Q.to(device=device, dtype=dtype)
+    g = adapter.output_rows(call.grad_output.to(dtype))[:, 0] @ q_s  # (N, T, O')
+    rows = adapter.input_rows(module, call.inputs.to(dtype))[:, 0]  # (N, T, C*K)
+    if adapter.kind == "linear":
+        return g, (rows @ q_a).unsqueeze(-1)  # (N, T, I, 1)
+    u = rows.reshape(rows.shape[0], rows.shape[1], -1, adapter.kernel_numel(module))
+    return g, torch.einsum("ntck,ci->ntik", u, q_a)  # (N, T, I, K)

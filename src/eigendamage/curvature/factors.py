@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .types import FactorKind
+
 
 @dataclass
 class KFactors:
@@ -41,7 +43,7 @@ class KFactors:
 
     A: torch.Tensor
     S: torch.Tensor
-    kind: str  # "linear" | "conv_patch" | "conv_channel"
+    kind: FactorKind
     has_bias: bool
     groups: int = 1
     num_examples: int = 0

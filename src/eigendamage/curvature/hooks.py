@@ -19,33 +19,24 @@ single-process statistics exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, CurvatureError, DataError, ModelError
-
-FISHER_TYPES = ("true", "empirical")
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
-# Subclasses known to compute exactly their base class's forward.
-_PLAIN_SUBCLASSES = ("timm.layers.linear.Linear",)
-
-
-def is_plain_layer(module: nn.Module) -> bool:
-    """True when ``module`` computes exactly the plain nn.Linear/nn.Conv2d of its weights.
-
-    Why: the factors are built from the layer's input as the hook sees it; a subclass with
-    its own forward (timm's ``Conv2dSame`` pads inside it) would get silently wrong ones.
-    """
-    cls = type(module)
-    if cls in SUPPORTED_LAYERS or f"{cls.__module__}.{cls.__qualname__}" in _PLAIN_SUBCLASSES:
-        return True
-    if isinstance(module, nn.Conv2d):
-        return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
-    return isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward
+from ..errors import ConfigError, CurvatureError, ModelError
+from ..layers import adapter_for, is_plain_layer
+from ..modelcall import (
+    IGNORE_INDEX,
+    call_model,
+    check_labels,
+    eval_mode,
+    resolve_device,
+    split_batch,
+    to_device,
+)
+from .types import FISHER_TYPES, FisherType
 
 
 @dataclass
@@ -82,7 +73,8 @@ def resolve_targets(
             name = item if isinstance(item, str) else by_id.get(id(item))
             if name is None or name not in named:
                 raise ModelError(f"layer {item!r} is not a submodule of the model")
-            if not isinstance(named[name], SUPPORTED_LAYERS):
+            adapter = adapter_for(named[name])
+            if adapter is None or not adapter.curvature:
                 raise ModelError(
                     f"layer {name!r} is a {type(named[name]).__name__}; curvature is "
                     "estimated for nn.Linear and nn.Conv2d layers only"
@@ -101,81 +93,6 @@ def resolve_targets(
     return targets
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def to_device(batch: object, device: torch.device) -> object:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def call_model(model: nn.Module, inputs: object) -> torch.Tensor:
-    """Run the model on a batch's inputs and return its logits."""
-    if isinstance(inputs, dict):
-        out = model(**inputs)
-    elif isinstance(inputs, (list, tuple)):
-        out = model(*inputs)
-    else:
-        out = model(inputs)
-    return logits_of(out)
-
-
-def logits_of(out: object) -> torch.Tensor:
-    """Logits from a plain tensor, a HF-style output with ``.logits`` or a tuple."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ModelError(
-        f"cannot find logits in a model output of type {type(out).__name__}; "
-        "return a tensor, a tuple starting with the logits, or an object with .logits"
-    )
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, restoring every submodule's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-IGNORE_INDEX = -100  # cross-entropy's "no label here" (padding tokens)
-
-
-def check_labels(labels: object, num_classes: int, where: str) -> None:
-    """Class labels must lie in ``[0, num_classes)`` (or be ``IGNORE_INDEX``).
-
-    Why: cross-entropy fails on others with a bare ``IndexError`` on the CPU and a device
-    assert that poisons the CUDA context on a GPU; this names the value and the classes.
-    Soft (floating-point) targets are not class labels and pass unchecked.
-    """
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
-        return
-    bad = (labels >= num_classes) | ((labels < 0) & (labels != IGNORE_INDEX))
-    if bad.any():
-        value = int(labels[bad].flatten()[0])
-        raise DataError(
-            f"{where}: label {value} is outside [0, {num_classes}): the model has "
-            f"{num_classes} classes; the dataset's labels do not match the model's output "
-            "layer (use a model built for this dataset, or remap the labels)"
-        )
-
-
 def _sampled_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over examples (and tokens) of the negative log-likelihood of ``labels``."""
     flat = logits.reshape(-1, logits.shape[-1])
@@ -184,12 +101,150 @@ def _sampled_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(flat, labels.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX)
 
 
+@dataclass(frozen=True)
+class DataPass:
+    """Which batches and labels a pass over data uses: the arguments shared by every
+    curvature pass (K-FAC factors, the EKFAC diagonal), kept together so they agree."""
+
+    fisher: FisherType = "true"
+    batches: int | None = None
+    samples: int = 1
+    seed: int = 0
+    device: torch.device | str | None = None
+
+    def layer_calls(
+        self,
+        model: nn.Module,
+        loader: Iterable,
+        targets: dict[str, nn.Module],
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[int, dict[str, list[LayerCall]]]]:
+        """:func:`iterate_layer_calls` with this pass's settings."""
+        rank, world = self._checked_shard(shard)
+        batches = self.batches
+        device = resolve_device(self.device, model)
+        generator = torch.Generator(device=device)
+
+        records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in targets}
+        zero = torch.zeros((), device=device, requires_grad=True)
+
+        def make_hook(name: str) -> Callable:
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                if not output.requires_grad:
+                    # Frozen layers (requires_grad=False everywhere upstream): route the output
+                    # through a graph node so d loss / d output still exists. Flags untouched.
+                    output = output + zero
+                records[name].append((args[0].detach(), output))
+                return output
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(n)) for n, m in targets.items()]
+        try:
+            with eval_mode(model), torch.enable_grad():
+                for step, batch in enumerate(loader):
+                    if batches is not None and step >= batches:
+                        break
+                    if step % world != rank:
+                        continue
+                    inputs, labels = split_batch(batch, step)
+                    inputs = to_device(inputs, device)
+                    for calls in records.values():
+                        calls.clear()
+                    logits = call_model(model, inputs)
+                    if not torch.isfinite(logits).all():
+                        raise CurvatureError(
+                            f"non-finite loss: the model output holds NaN/Inf in batch {step}; "
+                            "check the inputs for NaN/Inf and that the model is trained"
+                        )
+                    outputs = [out for n in targets for _, out in records[n]]
+                    if not outputs:
+                        raise ModelError("no target layer was called in the forward pass")
+                    draws = self._label_draws(logits, labels, step, generator, device)
+                    for k, drawn in enumerate(draws):
+                        loss = _sampled_nll(logits, drawn)
+                        if not torch.isfinite(loss):
+                            raise CurvatureError(
+                                f"non-finite loss ({loss.item()}) in batch {step}: check the "
+                                "inputs for NaN/Inf and that the model is trained"
+                            )
+                        grads = torch.autograd.grad(
+                            loss, outputs, retain_graph=k < len(draws) - 1, allow_unused=True
+                        )
+                        per_layer = _layer_calls(records, grads, k, step)
+                        yield logits.shape[0], per_layer
+        finally:
+            for h in handles:
+                h.remove()
+            for calls in records.values():
+                calls.clear()
+
+    def _checked_shard(self, shard: tuple[int, int] | None) -> tuple[int, int]:
+        """``(rank, world_size)`` of the shard, once every setting is checked."""
+        if self.fisher not in FISHER_TYPES:
+            raise ConfigError(f"fisher must be one of {FISHER_TYPES}, got {self.fisher!r}")
+        if self.samples < 1:
+            raise ConfigError(f"samples must be >= 1, got {self.samples}")
+        if self.fisher == "empirical" and self.samples != 1:
+            raise ConfigError("the empirical Fisher uses the dataset labels: samples must be 1")
+        if self.batches is not None and self.batches < 1:
+            raise ConfigError(f"batches must be >= 1 or None, got {self.batches}")
+        rank, world = shard if shard is not None else (0, 1)
+        if not 0 <= rank < world:
+            raise ConfigError(
+                f"shard must be (rank, world_size) with 0 <= rank < world, got {shard}"
+            )
+        return rank, world
+
+    def _label_draws(
+        self,
+        logits: torch.Tensor,
+        labels: object,
+        step: int,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> list:
+        """The labels of batch ``step``: the dataset's (empirical Fisher) or ``samples``
+        draws from the model's predictive distribution, seeded per batch (true Fisher)."""
+        if self.fisher == "empirical":
+            check_labels(labels, logits.shape[-1], f"batch {step} of the loader")
+            return [to_device(labels, device)]
+        generator.manual_seed(batch_seed(self.seed, step))
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach().float(), dim=-1)
+            flat = probs.reshape(-1, probs.shape[-1])
+            return [
+                torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+                for _ in range(self.samples)
+            ]
+
+
+def _layer_calls(
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    grads: tuple[torch.Tensor | None, ...],
+    draw: int,
+    step: int,
+) -> dict[str, list[LayerCall]]:
+    """Pair every recorded layer input with the gradient at that call's output (zeros where
+    the loss does not depend on it)."""
+    it = iter(grads)
+    per_layer: dict[str, list[LayerCall]] = {}
+    for name, calls in records.items():
+        per_layer[name] = []
+        for inp, out in calls:
+            g = next(it)
+            if g is None:
+                g = torch.zeros_like(out)
+            per_layer[name].append(LayerCall(inp, g.detach(), draw, step))
+    return per_layer
+
+
 def iterate_layer_calls(
     model: nn.Module,
     loader: Iterable,
     targets: dict[str, nn.Module],
     *,
-    fisher: str = "true",
+    fisher: FisherType = "true",
     batches: int | None = None,
     samples: int = 1,
     seed: int = 0,
@@ -205,101 +260,5 @@ def iterate_layer_calls(
     first ``batches``) has ``i % world_size == rank``.  Every batch is still drawn from the
     loader, so loaders with stateful shuffling or augmentation stay in step across ranks.
     """
-    if fisher not in FISHER_TYPES:
-        raise ConfigError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-    if samples < 1:
-        raise ConfigError(f"samples must be >= 1, got {samples}")
-    if fisher == "empirical" and samples != 1:
-        raise ConfigError("the empirical Fisher uses the dataset labels: samples must be 1")
-    if batches is not None and batches < 1:
-        raise ConfigError(f"batches must be >= 1 or None, got {batches}")
-    rank, world = shard if shard is not None else (0, 1)
-    if not 0 <= rank < world:
-        raise ConfigError(f"shard must be (rank, world_size) with 0 <= rank < world, got {shard}")
-    device = torch.device(device) if device is not None else model_device(model)
-    generator = torch.Generator(device=device)
-
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in targets}
-    zero = torch.zeros((), device=device, requires_grad=True)
-
-    def make_hook(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            if not output.requires_grad:
-                # Frozen layers (requires_grad=False everywhere upstream): route the output
-                # through a graph node so d loss / d output still exists. Flags untouched.
-                output = output + zero
-            records[name].append((args[0].detach(), output))
-            return output
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in targets.items()]
-    try:
-        with eval_mode(model), torch.enable_grad():
-            for step, batch in enumerate(loader):
-                if batches is not None and step >= batches:
-                    break
-                if step % world != rank:
-                    continue
-                inputs, labels = _split_batch(batch, step)
-                inputs = to_device(inputs, device)
-                for calls in records.values():
-                    calls.clear()
-                logits = call_model(model, inputs)
-                if not torch.isfinite(logits).all():
-                    raise CurvatureError(
-                        f"non-finite loss: the model output holds NaN/Inf in batch {step}; "
-                        "check the inputs for NaN/Inf and that the model is trained"
-                    )
-                outputs = [out for n in targets for _, out in records[n]]
-                if not outputs:
-                    raise ModelError("no target layer was called in the forward pass")
-                if fisher == "empirical":
-                    check_labels(labels, logits.shape[-1], f"batch {step} of the loader")
-                    draws = [to_device(labels, device)]
-                else:
-                    generator.manual_seed(batch_seed(seed, step))
-                    with torch.no_grad():
-                        probs = torch.softmax(logits.detach().float(), dim=-1)
-                        flat = probs.reshape(-1, probs.shape[-1])
-                        draws = [
-                            torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-                            for _ in range(samples)
-                        ]
-                for k, drawn in enumerate(draws):
-                    loss = _sampled_nll(logits, drawn)
-                    if not torch.isfinite(loss):
-                        raise CurvatureError(
-                            f"non-finite loss ({loss.item()}) in batch {step}: check the "
-                            "inputs for NaN/Inf and that the model is trained"
-                        )
-                    grads = torch.autograd.grad(
-                        loss, outputs, retain_graph=k < len(draws) - 1, allow_unused=True
-                    )
-                    per_layer: dict[str, list[LayerCall]] = {}
-                    it = iter(grads)
-                    for n in targets:
-                        per_layer[n] = []
-                        for inp, out in records[n]:
-                            g = next(it)
-                            if g is None:
-                                g = torch.zeros_like(out)
-                            per_layer[n].append(LayerCall(inp, g.detach(), k, step))
-                    yield logits.shape[0], per_layer
-    finally:
-        for h in handles:
-            h.remove()
-        for calls in records.values():
-            calls.clear()
-
-
-def _split_batch(batch: object, step: int) -> tuple[object, object]:
-    if isinstance(batch, dict) and "labels" in batch:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return inputs, batch["labels"]
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise ConfigError(
-        f"batch {step} of the loader is a {type(batch).__name__}; expected (inputs, targets) "
-        "pairs or a dict with 'labels'"
-    )
+    data = DataPass(fisher=fisher, batches=batches, samples=samples, seed=seed, device=device)
+    return data.layer_calls(model, loader, targets, shard)

@@ -24,59 +24,53 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, CurvatureError
+from ..layers import adapter_of, linear_rows, pad_input
+from ..modelcall import model_device
 from .distributed import all_reduce_sum_, group_info
 from .factors import KFactors
-from .hooks import LayerCall, iterate_layer_calls, model_device, resolve_targets
+from .hooks import DataPass, LayerCall, resolve_targets
 from .patches import (
     append_ones,
     channel_second_moment,
     conv_output_locations,
     coverage,
-    grad_rows,
-    linear_rows,
-    output_gram,
-    pad_input,
-    unfold_patches,
+    gram,
 )
+from .types import CONV_MODES, ConvMode, FactorKind, FisherType, factor_kind
 
-CONV_MODES = ("patch", "channel")
 # Upper bound on elements of one chunk of per-example gradients (diagonal Fisher).
 _PER_EXAMPLE_CHUNK = 1 << 24
 
 
 def input_rows(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Layer inputs as ``(N, groups, T, d_in)`` rows, with the bias coordinate when present."""
-    if isinstance(module, nn.Conv2d):
-        rows = unfold_patches(inputs, module)
-    else:
-        rows = linear_rows(inputs)
+    rows = adapter_of(module).input_rows(module, inputs)
     if module.bias is not None:
         rows = append_ones(rows)
     return rows
 
 
-def factor_sides(module: nn.Module, kind: str) -> tuple[int, int, int]:
+def factor_sides(module: nn.Module, kind: FactorKind) -> tuple[int, int, int]:
     """``(groups, side of A, side of S)`` per group, from the layer's shape alone."""
+    adapter = adapter_of(module)
     bias = int(module.bias is not None and kind != "conv_channel")
-    if isinstance(module, nn.Linear):
-        return 1, module.in_features + bias, module.out_features
-    g = module.groups
-    k = module.kernel_size[0] * module.kernel_size[1] if kind == "conv_patch" else 1
-    return g, module.in_channels // g * k + bias, module.out_channels // g
+    g = adapter.groups(module)
+    k = adapter.kernel_numel(module) if kind == "conv_patch" else 1
+    return g, adapter.in_units(module) // g * k + bias, adapter.out_units(module) // g
 
 
 def input_gram(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``sum a a^T`` over rows per group (``(G, D, D)``, bias coordinate included) and the
     row count.  The bias row/column -- the row sums and the count -- is filled in after
     the GEMM instead of appending a column of ones, which would copy all the rows."""
-    rows = unfold_patches(x, module) if isinstance(module, nn.Conv2d) else linear_rows(x)
+    rows = adapter_of(module).input_rows(module, x)
     flat = rows.transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])  # (G, M, D)
-    gram = flat.transpose(1, 2) @ flat
+    moment = flat.transpose(1, 2) @ flat
     if module.bias is None:
-        return gram, flat.shape[1]
-    g, d = gram.shape[0], gram.shape[-1]
-    out = gram.new_empty(g, d + 1, d + 1)
-    out[:, :d, :d] = gram
+        return moment, flat.shape[1]
+    g, d = moment.shape[0], moment.shape[-1]
+    out = moment.new_empty(g, d + 1, d + 1)
+    out[:, :d, :d] = moment
     sums = flat.sum(1)
     out[:, :d, d] = sums
     out[:, d, :d] = sums
@@ -90,17 +84,18 @@ class _Accumulator:
     def __init__(
         self,
         module: nn.Module,
-        conv_mode: str,
+        conv_mode: ConvMode,
         diag: bool,
         dtype: torch.dtype,
         max_dense: int | None,
     ):
         self.module = module
-        self.kind = "linear" if isinstance(module, nn.Linear) else f"conv_{conv_mode}"
+        self.adapter = adapter_of(module)
+        self.kind = factor_kind(self.adapter.kind == "linear", conv_mode)
         self.want_diag = diag
         self.dtype = dtype
         self.max_dense = max_dense
-        self.groups = getattr(module, "groups", 1)
+        self.groups = self.adapter.groups(module)
         self.has_bias = module.bias is not None and self.kind != "conv_channel"
         self.A: torch.Tensor | None = None
         self.S: torch.Tensor | None = None
@@ -117,12 +112,13 @@ class _Accumulator:
 
     def add(self, call: LayerCall) -> None:
         grad = call.grad_output.to(self.dtype)
-        conv = isinstance(self.module, nn.Conv2d)
-        self.S = _add(self.S, output_gram(grad, self.groups, conv))
-        self.s_rows += grad.numel() // grad.shape[1 if conv and grad.dim() == 4 else -1]
+        out_rows = self.adapter.output_matrix(grad)
+        self.S = _add(self.S, gram(out_rows, self.groups))
+        self.s_rows += out_rows.shape[0]
         x = call.inputs.to(self.dtype)
         if self.want_diag:
-            g, a = grad_rows(grad, self.groups, conv), input_rows(self.module, x)
+            g = self.adapter.output_rows(grad, self.groups)
+            a = input_rows(self.module, x)
             self.diag = _add(self.diag, per_example_square_sum(g, a))
         if call.draw > 0:
             return  # A depends on the inputs only: one accumulation per batch
@@ -156,22 +152,14 @@ class _Accumulator:
         if self.diag is not None:
             # (G, Og, D) -> (out, D): output channels are group-major.
             extra["diag"] = self.diag.reshape(-1, self.diag.shape[-1]) / num_examples
-        return KFactors(
-            A=squeeze(self.A / self.a_count),
-            S=squeeze(self.S / num_examples),
-            kind=self.kind,
-            has_bias=self.has_bias,
-            groups=self.groups,
-            num_examples=num_examples,
-            extra=extra,
-            a_diagonal=self.a_diagonal,
-            a_count=self.a_count,
-            a_rank_bound=self.a_rows,
-            s_rank_bound=self.s_rows,
-        )
+        a, s = squeeze(self.A / self.a_count), squeeze(self.S / num_examples)
+        factors = KFactors(a, s, self.kind, self.has_bias, self.groups, num_examples, extra)
+        factors.a_diagonal, factors.a_count = self.a_diagonal, self.a_count
+        factors.a_rank_bound, factors.s_rank_bound = self.a_rows, self.s_rows
+        return factors
 
 
-def _input_vectors(module: nn.Module, kind: str, x: torch.Tensor, grad: torch.Tensor) -> int:
+def _input_vectors(module: nn.Module, kind: FactorKind, x: torch.Tensor, grad: torch.Tensor) -> int:
     """How many vectors one call adds to ``A``'s sum (per group), a bound on its rank:
     input rows for Linear, pixels for channel mode (padding only repeats pixels or adds
     zeros), output locations for patch mode."""
@@ -183,14 +171,14 @@ def _input_vectors(module: nn.Module, kind: str, x: torch.Tensor, grad: torch.Te
 
 
 def diagonal_second_moment(
-    x: torch.Tensor, module: nn.Module, kind: str
+    x: torch.Tensor, module: nn.Module, kind: FactorKind
 ) -> tuple[torch.Tensor, int]:
     """``diag(sum a a^T)`` per group (``(G, D)``) and the row count, never unfolding ``x``.
 
     Patch mode: the squared input summed over examples, unfolded once (one image, not N)
     and summed over locations.  Channel mode: squares weighted by the pixel coverage.
     """
-    if isinstance(module, nn.Linear):
+    if kind == "linear":
         rows = linear_rows(x)[:, 0].reshape(-1, x.shape[-1])
         d = rows.square().sum(0, keepdim=True)
         count = rows.shape[0]
@@ -235,10 +223,10 @@ def collect_kfac(
     model: nn.Module,
     loader: Iterable,
     *,
-    fisher: str = "true",
+    fisher: FisherType = "true",
     batches: int | None = None,
     samples: int = 1,
-    conv_mode: str = "patch",
+    conv_mode: ConvMode = "patch",
     modules: Iterable[str] | Iterable[nn.Module] | None = None,
     diag: bool = False,
     seed: int = 0,
@@ -285,17 +273,8 @@ def collect_kfac(
     targets = resolve_targets(model, modules)
     accs = {n: _Accumulator(m, conv_mode, diag, dtype, max_dense) for n, m in targets.items()}
     num_examples = 0
-    for n, per_layer in iterate_layer_calls(
-        model,
-        loader,
-        targets,
-        fisher=fisher,
-        batches=batches,
-        samples=samples,
-        seed=seed,
-        device=device,
-        shard=info if shard_batches else None,
-    ):
+    data = DataPass(fisher=fisher, batches=batches, samples=samples, seed=seed, device=device)
+    for n, per_layer in data.layer_calls(model, loader, targets, info if shard_batches else None):
         num_examples += n  # once per label draw: S sums over draws, A over inputs only
         for name, calls in per_layer.items():
             for call in calls:

@@ -1,5 +1,8 @@
 """Layer inputs and output gradients as matrices of samples (rows) by coordinates.
 
+How a layer's rows are read (im2col patches, token rows, output gradients) is its adapter's
+business (:mod:`eigendamage.layers`); this module holds the conv factors' arithmetic.
+
 Conv2d follows the KFC convention: every output location is a sample.  Two views of the
 input exist:
 
@@ -16,42 +19,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def padding_amounts(conv: nn.Conv2d) -> list[int]:
-    """``[left, right, top, bottom]`` padding of a conv (``F.pad`` order), 'same' included."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return [0, 0, 0, 0]
-        # 'same': total padding dilation*(k-1), extra on the right/bottom like PyTorch.
-        pads: list[int] = []
-        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation), strict=True):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return pads
-    ph, pw = conv.padding
-    return [pw, pw, ph, ph]
-
-
-def pad_input(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Apply a conv's padding explicitly (so every padding mode is handled alike)."""
-    pads = padding_amounts(conv)
-    if not any(pads):
-        return x
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    return F.pad(x, pads, mode=mode)
-
-
-def unfold_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """im2col: ``(N, groups, T, c_in/groups*kh*kw)`` patches in ``weight.flatten(1)`` order."""
-    xp = pad_input(x, conv)
-    cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    n, ck, t = cols.shape
-    g = conv.groups
-    # unfold orders channels major, offsets minor: matches weight.flatten(1) per group.
-    return cols.view(n, g, ck // g, t).transpose(2, 3)
+from ..layers import channel_rows, pad_input, padding_amounts
 
 
 def coverage(conv: nn.Conv2d, padded_hw: tuple[int, int], device, dtype) -> torch.Tensor:
@@ -90,27 +60,12 @@ def conv_output_locations(conv: nn.Conv2d, padded_hw: tuple[int, int]) -> int:
     return out[0] * out[1]
 
 
-def channel_rows(t: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` as ``(N*H*W, C)`` rows: a view for channels_last, one copy otherwise."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 def gram(rows: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """``sum_r r r^T`` per group of columns: ``(M, groups*d)`` -> ``(groups, d, d)``."""
     if groups == 1:
         return (rows.T @ rows).unsqueeze(0)
     per_group = rows.view(rows.shape[0], groups, -1).transpose(0, 1)  # (G, M, d), no copy
     return per_group.transpose(1, 2) @ per_group
-
-
-def output_gram(grad_output: torch.Tensor, groups: int = 1, conv: bool = True) -> torch.Tensor:
-    """``sum_{n,t} g_{n,t} g_{n,t}^T`` per group: the unnormalised ``S``, one GEMM.
-
-    ``conv``: the gradient is a Conv2d output ``(N, O, H, W)``; otherwise features are last
-    whatever the rank (a Linear on ``(N, H, W, C)`` maps, as in ConvNeXt and Swin)."""
-    if conv and grad_output.dim() == 4:
-        return gram(channel_rows(grad_output), groups)
-    return gram(grad_output.reshape(-1, grad_output.shape[-1]), groups)
 
 
 def channel_second_moment(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
@@ -172,21 +127,6 @@ def _support(counts: tuple[int, ...]) -> tuple[slice, tuple[int, ...]]:
         step = 1
     sl = slice(idx[0], idx[-1] + 1, step)
     return sl, counts[sl]
-
-
-def grad_rows(grad_output: torch.Tensor, groups: int = 1, conv: bool = True) -> torch.Tensor:
-    """Output gradients as ``(N, groups, T, d_out/groups)`` (T = locations or tokens);
-    ``conv`` as in :func:`output_gram`."""
-    if conv and grad_output.dim() == 4:  # conv: (N, O, H, W)
-        n, o = grad_output.shape[:2]
-        return grad_output.reshape(n, groups, o // groups, -1).transpose(2, 3)
-    n, o = grad_output.shape[0], grad_output.shape[-1]
-    return grad_output.reshape(n, 1, -1, o)
-
-
-def linear_rows(inputs: torch.Tensor) -> torch.Tensor:
-    """Linear inputs as ``(N, 1, T, in_features)`` (T = tokens, 1 for plain vectors)."""
-    return inputs.reshape(inputs.shape[0], 1, -1, inputs.shape[-1])
 
 
 def append_ones(rows: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,10 @@ from eigendamage.errors import DataError
 from .common import (
     ArraySource,
     DataSpec,
-    ImageDataset,
-    check_fraction,
+    SplitOptions,
+    Splits,
     read_bounded,
     resolve_root,
-    stratified_partition,
 )
 from .safe_pickle import load_pickle
 from .transforms import (
@@ -360,34 +359,18 @@ def read_cifar(
 
 
 def load_cifar_splits(
-    name: str,
-    root: str | os.PathLike[str] | None,
-    *,
-    seed: int = 0,
-    augment: bool = True,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
-) -> tuple[ImageDataset, ImageDataset, ImageDataset, DataSpec]:
+    name: str, root: str | os.PathLike[str] | None, options: SplitOptions
+) -> Splits:
     """(train, val, test, spec); val is a stratified ``val_fraction`` of the official train set.
 
     The split depends on ``split_seed`` only, so runs with different ``seed`` share it.
     """
     fmt = FORMATS[name]
-    check_fraction(val_fraction, "val_fraction")
+    options.check()
     train_x, train_y, test_x, test_y, names = read_cifar(root, fmt)
-    val_idx, train_idx = stratified_partition(train_y, [val_fraction], split_seed)
+    val_idx, train_idx = options.partition(train_y)
     eval_tf = Pipeline(mean=fmt.mean, std=fmt.std)
-    train_tf = (
-        Pipeline([PadRandomCrop(32, 4), RandomHorizontalFlip()], fmt.mean, fmt.std)
-        if augment
-        else eval_tf
-    )
-    source = ArraySource(train_x, train_y)
-    test_source = ArraySource(test_x, test_y)
+    train_tf = Pipeline([PadRandomCrop(32, 4), RandomHorizontalFlip()], fmt.mean, fmt.std)
     spec = DataSpec(fmt.name, fmt.num_classes, 3, (32, 32), names)
-    return (
-        ImageDataset(source, train_idx, train_tf, seed=seed),
-        ImageDataset(source, val_idx, eval_tf, seed=seed),
-        ImageDataset(test_source, np.arange(len(test_y)), eval_tf, seed=seed),
-        spec,
-    )
+    train, test = ArraySource(train_x, train_y), ArraySource(test_x, test_y)
+    return options.assemble(train, test, (train_idx, val_idx), (train_tf, eval_tf), spec)

@@ -175,6 +175,64 @@ class ImageDataset(Dataset):
         self.generator.manual_seed(seed)
 
 
+Splits = tuple[ImageDataset, ImageDataset, ImageDataset, DataSpec]
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """The choices every file format shares.
+
+    ``seed`` drives the training augmentation stream only; which samples land in val depends
+    on ``split_seed`` alone, so runs with different seeds are evaluated on the same data.
+    ``val_fraction`` of the training files becomes val; ``augment=False`` trains on the
+    plain (evaluation) transform.
+    """
+
+    seed: int = 0
+    augment: bool = True
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+    def check(self) -> SplitOptions:
+        """Refuse a bad ``val_fraction`` before any file is read; returns the options."""
+        check_fraction(self.val_fraction, "val_fraction")
+        return self
+
+    def partition(self, labels: Sequence[int] | np.ndarray, held_out: int = 1) -> list[np.ndarray]:
+        """``held_out`` stratified parts of ``val_fraction`` each, then the rest (training)."""
+        return stratified_partition(labels, [self.val_fraction] * held_out, self.split_seed)
+
+    def assemble(
+        self,
+        source: ImageSource,
+        test: ImageSource,
+        parts: tuple[np.ndarray, np.ndarray],
+        transforms: tuple[Transform, Transform],
+        spec: DataSpec,
+    ) -> Splits:
+        """(train, val, test, spec) of a format with a separate test set.
+
+        Args:
+            source: the training files.
+            test: the test set, used whole.
+            parts: (train, val) indices into ``source``.
+            transforms: (augmenting, plain); training uses the first when ``augment`` is
+                set, val and test always the second.
+            spec: the dataset's description.
+
+        Returns:
+            The three datasets and ``spec``.
+        """
+        augmenting, plain = transforms
+        train_tf = augmenting if self.augment else plain
+        return (
+            ImageDataset(source, parts[0], train_tf, seed=self.seed),
+            ImageDataset(source, parts[1], plain, seed=self.seed),
+            ImageDataset(test, np.arange(len(test)), plain, seed=self.seed),
+            spec,
+        )
+
+
 def reseed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed the worker's augmentation stream from its torch seed.
 

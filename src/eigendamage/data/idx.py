@@ -27,10 +27,9 @@ from eigendamage.errors import DataError
 from .common import (
     ArraySource,
     DataSpec,
-    ImageDataset,
-    check_fraction,
+    SplitOptions,
+    Splits,
     resolve_root,
-    stratified_partition,
 )
 from .transforms import PadRandomCrop, Pipeline, RandomHorizontalFlip
 
@@ -305,14 +304,8 @@ def pixel_stats(images: np.ndarray, indices: np.ndarray) -> tuple[float, float]:
 
 
 def load_idx_splits(
-    name: str,
-    root: str | os.PathLike[str] | None,
-    *,
-    seed: int = 0,
-    augment: bool = True,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
-) -> tuple[ImageDataset, ImageDataset, ImageDataset, DataSpec]:
+    name: str, root: str | os.PathLike[str] | None, options: SplitOptions
+) -> Splits:
     """(train, val, test, spec); val is a stratified ``val_fraction`` of the train files.
 
     The split depends on ``split_seed`` only, so runs with different ``seed`` share it.
@@ -320,9 +313,9 @@ def load_idx_splits(
     where a mirrored image keeps its label (Fashion-MNIST, not digits).
     """
     fmt = FORMATS[name]
-    check_fraction(val_fraction, "val_fraction")
+    options.check()
     train_x, train_y, test_x, test_y = read_idx_dataset(root, fmt)
-    val_idx, train_idx = stratified_partition(train_y, [val_fraction], split_seed)
+    val_idx, train_idx = options.partition(train_y)
     if fmt.classes is not None:
         classes = fmt.classes
     else:
@@ -334,12 +327,7 @@ def load_idx_splits(
     size = (int(train_x.shape[2]), int(train_x.shape[3]))
     eval_tf = Pipeline(mean=(mean,), std=(std,))
     ops = [PadRandomCrop(size, CROP_PADDING)] + ([RandomHorizontalFlip()] if fmt.flip else [])
-    train_tf = Pipeline(ops, (mean,), (std,)) if augment else eval_tf
-    source = ArraySource(train_x, train_y)
+    train_tf = Pipeline(ops, (mean,), (std,))
     spec = DataSpec(fmt.name, len(classes), 1, size, classes)
-    return (
-        ImageDataset(source, train_idx, train_tf, seed=seed),
-        ImageDataset(source, val_idx, eval_tf, seed=seed),
-        ImageDataset(ArraySource(test_x, test_y), np.arange(len(test_y)), eval_tf, seed=seed),
-        spec,
-    )
+    train, test = ArraySource(train_x, train_y), ArraySource(test_x, test_y)
+    return options.assemble(train, test, (train_idx, val_idx), (train_tf, eval_tf), spec)

@@ -18,10 +18,10 @@ from .common import (
     DataSpec,
     FileSource,
     ImageDataset,
-    check_fraction,
+    SplitOptions,
+    Splits,
     list_images,
     resolve_root,
-    stratified_partition,
 )
 from .transforms import (
     IMAGENET_MEAN,
@@ -69,14 +69,8 @@ def _check_same_classes(folder: Path, classes: list[str], train: Path) -> None:
 
 
 def load_imagefolder_splits(
-    root: str | os.PathLike[str] | None,
-    *,
-    seed: int = 0,
-    augment: bool = True,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
-    image_size: int | None = None,
-) -> tuple[ImageDataset, ImageDataset, ImageDataset, DataSpec]:
+    root: str | os.PathLike[str] | None, options: SplitOptions, image_size: int | None = None
+) -> Splits:
     """(train, val, test, spec) at ``image_size`` (default 224) with ImageNet normalization.
 
     A missing ``val/`` or ``test/`` is split off train, each ``val_fraction`` of it.
@@ -84,7 +78,7 @@ def load_imagefolder_splits(
     size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
     if size < 1:
         raise ConfigError(f"image_size must be a positive integer, got {image_size}.")
-    check_fraction(val_fraction, "val_fraction")
+    options.check()
     base = resolve_root(root, "imagefolder", "train/<class>/<images> (and optionally val/, test/)")
     train_dir = base / "train"
     if not train_dir.is_dir():
@@ -102,9 +96,7 @@ def load_imagefolder_splits(
             others[split] = _scan(folder, classes)
 
     missing = [s for s in ("val", "test") if s not in others]
-    *split_parts, train_idx = stratified_partition(
-        train_src.labels, [val_fraction] * len(missing), split_seed
-    )
+    *split_parts, train_idx = options.partition(train_src.labels, len(missing))
     parts = dict(zip(missing, split_parts, strict=True))
 
     eval_tf = Pipeline(
@@ -112,19 +104,19 @@ def load_imagefolder_splits(
     )
     train_tf = (
         Pipeline([RandomResizedCrop(size), RandomHorizontalFlip()], IMAGENET_MEAN, IMAGENET_STD)
-        if augment
+        if options.augment
         else eval_tf
     )
 
     def split(name: str) -> ImageDataset:
         if name in others:
             src = others[name]
-            return ImageDataset(src, np.arange(len(src)), eval_tf, seed=seed)
-        return ImageDataset(train_src, parts[name], eval_tf, seed=seed)
+            return ImageDataset(src, np.arange(len(src)), eval_tf, seed=options.seed)
+        return ImageDataset(train_src, parts[name], eval_tf, seed=options.seed)
 
     spec = DataSpec("imagefolder", len(classes), 3, (size, size), tuple(classes))
     return (
-        ImageDataset(train_src, train_idx, train_tf, seed=seed),
+        ImageDataset(train_src, train_idx, train_tf, seed=options.seed),
         split("val"),
         split("test"),
         spec,

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from eigendamage.errors import ConfigError, unknown_name
 
 from .cifar import load_cifar_splits
-from .common import DataSpec, ImageDataset, Loaders, reseed_worker
+from .common import Loaders, SplitOptions, Splits, reseed_worker
 from .digits import load_digits_splits
 from .idx import load_idx_splits
 from .imagefolder import load_imagefolder_splits
@@ -58,7 +58,7 @@ def get_datasets(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     image_size: int | None = None,
-) -> tuple[ImageDataset, ImageDataset, ImageDataset, DataSpec]:
+) -> Splits:
     """Build (train, val, test, spec) for dataset ``name`` read from ``root``.
 
     ``seed`` drives the training augmentation stream only; which samples land in val depends
@@ -72,28 +72,18 @@ def get_datasets(
         raise ConfigError(
             f"image_size applies only to the 'imagefolder' dataset; {key!r} has a fixed size."
         )
+    options = SplitOptions(
+        seed=seed, augment=augment, val_fraction=val_fraction, split_seed=split_seed
+    )
     if key == "digits":
         return load_digits_splits(seed=seed)
     if key in ("cifar10", "cifar100"):
-        return load_cifar_splits(
-            key, root, seed=seed, augment=augment, val_fraction=val_fraction, split_seed=split_seed
-        )
+        return load_cifar_splits(key, root, options)
     if key in ("mnist", "fashion-mnist", "idx"):
-        return load_idx_splits(
-            key, root, seed=seed, augment=augment, val_fraction=val_fraction, split_seed=split_seed
-        )
+        return load_idx_splits(key, root, options)
     if key == "tiny-imagenet":
-        return load_tiny_imagenet_splits(
-            root, seed=seed, augment=augment, val_fraction=val_fraction, split_seed=split_seed
-        )
-    return load_imagefolder_splits(
-        root,
-        seed=seed,
-        augment=augment,
-        val_fraction=val_fraction,
-        split_seed=split_seed,
-        image_size=image_size,
-    )
+        return load_tiny_imagenet_splits(root, options)
+    return load_imagefolder_splits(root, options, image_size)
 
 
 def make_loaders(

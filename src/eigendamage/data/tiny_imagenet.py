@@ -10,19 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from eigendamage.errors import DataError
 
 from .common import (
     IMAGE_EXTENSIONS,
     DataSpec,
     FileSource,
-    ImageDataset,
-    check_fraction,
+    SplitOptions,
+    Splits,
     read_bounded,
     resolve_root,
-    stratified_partition,
 )
 from .transforms import (
     IMAGENET_MEAN,
@@ -195,36 +192,20 @@ def _val_files(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
-def load_tiny_imagenet_splits(
-    root: str | os.PathLike[str] | None,
-    *,
-    seed: int = 0,
-    augment: bool = True,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
-) -> tuple[ImageDataset, ImageDataset, ImageDataset, DataSpec]:
+def load_tiny_imagenet_splits(root: str | os.PathLike[str] | None, options: SplitOptions) -> Splits:
     """(train, val, test, spec) with test = official val set, val = seeded 10% of train."""
-    check_fraction(val_fraction, "val_fraction")
+    options.check()
     base = _find(resolve_root(root, "tiny-imagenet", f"{FOLDER}/"))
     wnids = _wnids(base)
     train_paths, train_labels = _train_files(base, wnids)
     test_paths, test_labels = _val_files(base, wnids)
-    val_idx, train_idx = stratified_partition(train_labels, [val_fraction], split_seed)
+    val_idx, train_idx = options.partition(train_labels)
     eval_tf = Pipeline([FitSize(SIZE)], IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = (
-        Pipeline(
-            [FitSize(SIZE), PadRandomCrop(SIZE[0], 4), RandomHorizontalFlip()],
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-        )
-        if augment
-        else eval_tf
+    train_tf = Pipeline(
+        [FitSize(SIZE), PadRandomCrop(SIZE[0], 4), RandomHorizontalFlip()],
+        IMAGENET_MEAN,
+        IMAGENET_STD,
     )
-    source = FileSource(train_paths, train_labels)
     spec = DataSpec("tiny-imagenet", len(wnids), 3, SIZE, _words(base, wnids))
-    return (
-        ImageDataset(source, train_idx, train_tf, seed=seed),
-        ImageDataset(source, val_idx, eval_tf, seed=seed),
-        ImageDataset(FileSource(test_paths, test_labels), np.arange(len(test_paths)), eval_tf),
-        spec,
-    )
+    train, test = FileSource(train_paths, train_labels), FileSource(test_paths, test_labels)
+    return options.assemble(train, test, (train_idx, val_idx), (train_tf, eval_tf), spec)

@@ -24,7 +24,6 @@ GPT-2's parameters live there.  A state dict from HF must be transposed accordin
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +178,6 @@ def _timm(name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any])
         ) from e
     if not timm.is_model(name):
         raise ModelError(unknown_name("timm model", name, timm.list_models()))
-    _register_timm_modules()
     try:
         model = timm.create_model(
             name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
@@ -192,62 +190,6 @@ def _timm(name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any])
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     return External(model, (in_channels, h, w), _image_kwargs(num_classes, in_channels, kwargs))
-
-
-@functools.cache
-def _register_timm_modules() -> None:
-    """Teach ``save_model``/``load_model`` the timm layers that channel pruning resizes:
-    norms (``BatchNormAct2d`` holds its activation and dropout as children), timm's
-    ``Linear`` and ``Conv2dSame``.  The ``timm.`` prefix keeps torch's own entries intact."""
-    from timm.layers import BatchNormAct2d, Conv2dSame, LayerNorm, LayerNorm2d
-    from timm.layers import Linear as TimmLinear
-
-    from ..io import register_module_type
-
-    def bn_args(m: nn.Module) -> dict[str, Any]:
-        names = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-        return {k: getattr(m, k) for k in names}
-
-    def build_bn_act(args: dict[str, Any], children: dict[str, nn.Module]) -> nn.Module:
-        module = BatchNormAct2d(**args)
-        for child, value in children.items():  # the activation and dropout as saved
-            setattr(module, child, value)
-        return module
-
-    register_module_type(
-        "timm.BatchNormAct2d",
-        bn_args,
-        build_bn_act,
-        cls=BatchNormAct2d,
-        container=True,
-        init_args=True,
-    )
-
-    def ln_args(m: nn.Module) -> dict[str, Any]:
-        shape, affine = m.normalized_shape[0], m.elementwise_affine
-        return {"num_channels": shape, "eps": m.eps, "affine": affine}
-
-    def linear_args(m: nn.Module) -> dict[str, Any]:
-        return {
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-        }
-
-    def conv_args(m: nn.Module) -> dict[str, Any]:
-        names = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups")
-        return {**{k: getattr(m, k) for k in names}, "bias": m.bias is not None}
-
-    describe = {
-        LayerNorm: ln_args,
-        LayerNorm2d: ln_args,
-        TimmLinear: linear_args,
-        Conv2dSame: conv_args,
-    }
-    for cls, args in describe.items():
-        register_module_type(
-            f"timm.{cls.__name__}", args, lambda a, ch, c=cls: c(**a), cls=cls, init_args=True
-        )
 
 
 # --------------------------------------------------------------------------- transformers

@@ -1,5 +1,6 @@
 """Name -> model builder registry (timm-style), plus ``torchvision:``/``timm:``/``hf:``/
-``hf-lm:`` sources (:mod:`.external`) and saved model directories.
+``hf-lm:`` sources (:mod:`.external`).  Saved model directories are loaded by
+:func:`eigendamage.io.load_or_create`: reading a file from anyone is io's job, not the zoo's.
 
 Every model made by :func:`create_model` carries ``model.eigendamage_spec`` = ``{"name",
 "kwargs", "input_size"}`` so that a checkpoint of a pruned model can be rebuilt from its
@@ -13,7 +14,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -88,23 +88,15 @@ def _tag(
 def create_model(
     name: str, *, num_classes: int = 10, in_channels: int | None = None, **kwargs: Any
 ) -> nn.Module:
-    """Build a randomly initialised model by registry name, ``source:name`` or directory.
+    """Build a randomly initialised model by registry name or ``source:name``.
 
     Sources: ``torchvision:``, ``timm:``, ``hf:`` (sequence classifier), ``hf-lm:`` (causal
-    LM); see :mod:`.external`.  A directory written by ``save_model`` loads that (pruned)
-    model, whose architecture fixes ``num_classes``/``in_channels``.
-    ``in_channels=None`` means the model's own default (1 for digits nets, 3 otherwise).
-    Pretrained weights are never downloaded. Raises :class:`ModelError` for unknown names
-    or arguments, with the valid choices in the message.
+    LM); see :mod:`.external`.  ``in_channels=None`` means the model's own default (1 for
+    digits nets, 3 otherwise).  Pretrained weights are never downloaded.  Raises
+    :class:`ModelError` for unknown names or arguments, with the valid choices in the message.
     """
     if not isinstance(name, str) or not name:
         raise ModelError(f"model name must be a non-empty string, got {name!r}.")
-    if is_model_dir(name):
-        if kwargs:
-            raise ModelError(f"{name} is a saved model: it takes no extra arguments")
-        from ..io import load_model
-
-        return load_model(name)
     if ":" in name:
         from .external import create_external
 
@@ -151,7 +143,8 @@ def create_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 
 def default_input_shape(name_or_model: str | nn.Module, *, batch_size: int = 1) -> tuple[int, ...]:
-    """The (N, C, H, W) a model is meant for: from its spec, or the registry for a name.
+    """The (N, C, H, W) a model is meant for: from its spec, or the registry for a name
+    (a saved model directory: :func:`eigendamage.io.input_shape_of`).
 
     For counting FLOPs without making the caller know each model's input resolution.
     """
@@ -163,18 +156,6 @@ def default_input_shape(name_or_model: str | nn.Module, *, batch_size: int = 1) 
                 "shape is unknown; pass input_shape explicitly."
             )
         size = tuple(spec["input_size"])
-    elif is_model_dir(name_or_model):
-        from ..io import ARCHITECTURE_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION
-        from ..model_file_checks import read_architecture
-
-        doc = read_architecture(  # checked: the directory may come from anyone
-            Path(name_or_model) / ARCHITECTURE_FILE,
-            model_format=MODEL_FORMAT,
-            version=MODEL_FORMAT_VERSION,
-        )
-        if "input_size" not in doc["base"]:
-            raise ModelError(f"{name_or_model}: its architecture.json records no input size")
-        size = tuple(doc["base"]["input_size"])
     elif ":" in name_or_model:  # the source decides (inception_v3: 299, timm configs, hf)
         size = tuple(create_model(name_or_model).eigendamage_spec["input_size"])
     elif name_or_model in _REGISTRY:
@@ -182,14 +163,6 @@ def default_input_shape(name_or_model: str | nn.Module, *, batch_size: int = 1) 
     else:
         raise ModelError(unknown_name("model", name_or_model, list_models()))
     return (batch_size, *size)
-
-
-def is_model_dir(name: str) -> bool:
-    """True for a directory written by ``save_model`` (it holds ``architecture.json``)."""
-    from ..io import ARCHITECTURE_FILE
-
-    path = Path(name)
-    return path.is_dir() and (path / ARCHITECTURE_FILE).is_file()
 
 
 def example_input(model: nn.Module, batch_size: int = 1, *, seed: int = 0) -> torch.Tensor:

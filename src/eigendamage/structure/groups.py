@@ -33,32 +33,31 @@ import copy
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..curvature.hooks import logits_of
 from ..errors import ModelError
-from ..surgery.channels import Plan, remove_channels_, zero_channels_
+from ..modelcall import logits_of
+from ..surgery.channels import Dim, Plan, remove_channels_, zero_channels_
 from .heads import HeadLayout, find_heads, refresh_head_counts
 from .ties import tied_layers
 
 _ROOT_TYPES = (nn.Conv2d, nn.Linear)
 _MEMBER_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+LayerKind = Literal["conv", "depthwise", "linear", "bn"]
 
 
 @dataclass(frozen=True)
 class Member:
-    """One module touched by a group: ``index[k]`` (along ``dim``) is group channel ``channel[k]``.
-
-    Several indices can map to one channel (a flatten before a Linear).
-    """
+    """One module touched by a group: ``index[k]`` (along ``dim``) is group channel
+    ``channel[k]``; several indices can map to one channel (a flatten before a Linear)."""
 
     module: str
-    dim: str  # "out" (output channels, BN features) or "in" (input channels)
-    kind: str  # "conv", "depthwise", "linear" or "bn"
+    dim: Dim
+    kind: LayerKind
     index: torch.Tensor
     channel: torch.Tensor
 
@@ -128,7 +127,7 @@ def _dependency_graph(traced: nn.Module, example_inputs: Any, model_name: str) -
             dg = tp.DependencyGraph().build_dependency(
                 traced,
                 example_inputs=example_inputs,
-                forward_fn=_trace_forward,
+                forward_fn=trace_forward,
                 output_transform=logits_of,
                 verbose=False,
             )
@@ -251,7 +250,7 @@ class ChannelGroups:
 
         Groups not in ``keep`` stay whole.  Depthwise convs are recorded once, as "out".
         """
-        plan: dict[tuple[str, str], set[int]] = {}
+        plan: dict[tuple[str, Dim], set[int]] = {}
         ids = {g.id for g in self}
         for gid, kept in keep.items():
             if gid not in ids:
@@ -265,7 +264,7 @@ class ChannelGroups:
             removed = torch.ones(g.size, dtype=torch.bool)
             removed[kept] = False
             for m in g.members:
-                dim = "out" if m.kind == "depthwise" else m.dim
+                dim: Dim = "out" if m.kind == "depthwise" else m.dim
                 idx = m.index[removed[m.channel]]
                 plan.setdefault((m.module, dim), set()).update(idx.tolist())
         return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in plan.items() if v}
@@ -292,7 +291,7 @@ def mask_channels(
     return zero_channels_(copy.deepcopy(model), groups.removal_plan(keep))
 
 
-def _trace_forward(model: nn.Module, inputs: Any) -> Any:
+def trace_forward(model: nn.Module, inputs: Any) -> Any:
     """The model's forward for tracing; HF models without their key/value cache (its
     concatenations are not part of the network and confuse the tracer)."""
     config = getattr(model, "config", None)
@@ -316,9 +315,9 @@ def _head_group(layout: HeadLayout) -> ChannelGroup:
 
 def _protected_attention_dims(
     model: nn.Module, layouts: list[HeadLayout], unsupported: dict[str, str]
-) -> dict[tuple[str, str], str]:
+) -> dict[tuple[str, Dim], str]:
     """``{(layer, dim): reason}``: dims of attention projections no channel group may cut."""
-    protected: dict[tuple[str, str], str] = {}
+    protected: dict[tuple[str, Dim], str] = {}
     for h in layouts:
         reason = f"attention projections of {h.module!r} are pruned as whole heads"
         protected.update({(n, "out"): reason for n, _ in h.rows})
@@ -359,7 +358,7 @@ def _reads_untraced_tensor(node: Any) -> bool:
     return len(operands) > 1 and any(fn is None for fn, _ in operands)
 
 
-def _kind(module: nn.Module) -> str:
+def _kind(module: nn.Module) -> LayerKind:
     if isinstance(module, nn.Conv2d):
         depthwise = module.groups == module.in_channels == module.out_channels > 1
         return "depthwise" if depthwise else "conv"
@@ -387,7 +386,7 @@ def _convert(
             continue
         if isinstance(module, nn.Conv2d) and module.groups > 1 and _kind(module) != "depthwise":
             reason = reason or f"grouped conv {names[module]!r} (groups={module.groups})"
-        dim = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+        dim: Dim = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
         members.append(
             Member(
                 module=names[module],

@@ -1,4 +1,5 @@
-"""Physical model surgery: eigenbasis bottlenecks and channel removal."""
+"""Physical model surgery: eigenbasis bottlenecks, depthwise-separable cores and channel
+removal."""
 
 from .eigenbasis import KFEBottleneck, to_eigenbasis
 

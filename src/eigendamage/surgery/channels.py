@@ -10,13 +10,15 @@ and buffers of Conv2d, Linear and BatchNorm in place, so the result is an ordina
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
 
-Plan = Mapping[tuple[str, str], torch.Tensor]
+Dim = Literal["out", "in"]  # output channels (and BN features) or input channels
+Plan = Mapping[tuple[str, Dim], torch.Tensor]
 _BN = nn.modules.batchnorm._BatchNorm
 
 
@@ -103,7 +105,7 @@ def _is_depthwise(module: nn.Module) -> bool:
     )
 
 
-def _size(module: nn.Module, dim: str, name: str) -> int:
+def _size(module: nn.Module, dim: Dim, name: str) -> int:
     if isinstance(module, _BN):
         return module.num_features
     if isinstance(module, nn.Linear):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -31,7 +32,8 @@ from torch import nn
 from ..curvature.factors import KFE
 from ..errors import ModelError
 
-FORMS = ("full", "fold_out", "fold_in", "dense")
+Form = Literal["full", "fold_out", "fold_in", "dense"]
+FORMS: tuple[Form, ...] = get_args(Form)
 
 
 class KFEBottleneck(nn.Sequential):
@@ -70,10 +72,10 @@ def core_layer(module: nn.Module) -> nn.Module:
     return module.core if isinstance(module, KFEBottleneck) else module
 
 
-def factor(module: nn.Module) -> Factored:
+def to_factored(module: nn.Module) -> Factored:
     """Read a plain layer or a bottleneck as :class:`Factored` matrices (float64 copies)."""
     if isinstance(module, KFEBottleneck):
-        core = factor(module.core)
+        core = to_factored(module.core)
         p_in = None if isinstance(module.rot_in, nn.Identity) else _matrix(module.rot_in)
         p_out = None if isinstance(module.rot_out, nn.Identity) else _matrix(module.rot_out)
         bias = core.bias if p_out is None else _bias(module.rot_out)
@@ -97,7 +99,7 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach().double()
 
 
-def rotate(f: Factored, kfe: KFE) -> Factored:
+def in_eigenbasis(f: Factored, kfe: KFE) -> Factored:
     """Express ``f`` in the eigenbasis ``kfe`` of its core (exact: Q's are orthogonal).
 
     ``core' = Q_S^T core Q_A``, ``P_in' = Q_A^T P_in``, ``P_out' = P_out Q_S``: merging new
@@ -117,10 +119,10 @@ def rotate(f: Factored, kfe: KFE) -> Factored:
     return Factored(p_in, core, p_out, f.bias, f.template)
 
 
-def select(f: Factored, keep_in: torch.Tensor, keep_out: torch.Tensor) -> Factored:
+def keep_directions(f: Factored, keep_in: torch.Tensor, keep_out: torch.Tensor) -> Factored:
     """Keep only the given input/output directions of the core."""
     if f.p_in is None or f.p_out is None:
-        raise ModelError("select() needs a rotated layer (see rotate())")
+        raise ModelError("keep_directions() needs a rotated layer (see in_eigenbasis())")
     return Factored(
         f.p_in[keep_in],
         f.core[keep_out][:, keep_in],
@@ -130,7 +132,7 @@ def select(f: Factored, keep_in: torch.Tensor, keep_out: torch.Tensor) -> Factor
     )
 
 
-def form_params(f: Factored, form: str) -> int:
+def form_params(f: Factored, form: Form) -> int:
     """Parameter count of ``f`` built in ``form`` (biases excluded: equal in all forms)."""
     d_out, d_in, k = f.core.shape
     c_in, c_out = f.c_in, f.c_out
@@ -145,13 +147,13 @@ def form_params(f: Factored, form: str) -> int:
     return c_out * c_in * k
 
 
-def cheapest_form(f: Factored, dense_params: int) -> str:
+def cheapest_form(f: Factored, dense_params: int) -> Form:
     """The smallest exact form; ``"dense"`` when no pruned form beats the dense layer."""
     best = min(FORMS[:3], key=lambda form: form_params(f, form))
     return best if form_params(f, best) < dense_params else "dense"
 
 
-def build(f: Factored, form: str = "full") -> nn.Module:
+def build_form(f: Factored, form: Form = "full") -> nn.Module:
     """Materialise ``f`` as ordinary modules in the requested form."""
     p_in, core, p_out = f.p_in, f.core, f.p_out
     if form in ("fold_out", "dense") and p_out is not None:
@@ -159,18 +161,19 @@ def build(f: Factored, form: str = "full") -> nn.Module:
     if form in ("fold_in", "dense") and p_in is not None:
         core, p_in = torch.einsum("oik,ic->ock", core, p_in), None
     like = f.template.weight
-    rot_in = nn.Identity() if p_in is None else _pointwise(f.template, p_in, None, like)
+    rot_in = nn.Identity() if p_in is None else pointwise(f.template, p_in, None, like)
     core_bias = f.bias if p_out is None else None
     core_mod = _core_like(f.template, core, core_bias, like)
-    rot_out = nn.Identity() if p_out is None else _pointwise(f.template, p_out, f.bias, like)
+    rot_out = nn.Identity() if p_out is None else pointwise(f.template, p_out, f.bias, like)
     if form == "dense":
         return core_mod
     return KFEBottleneck(rot_in, core_mod, rot_out)
 
 
-def _pointwise(
+def pointwise(
     template: nn.Module, mat: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor
 ) -> nn.Module:
+    """``mat`` (out, in) as a 1x1 conv (or Linear, after ``template``'s type)."""
     out_f, in_f = mat.shape
     if isinstance(template, nn.Conv2d):
         layer = nn.Conv2d(in_f, out_f, 1, bias=bias is not None)
@@ -178,7 +181,7 @@ def _pointwise(
     else:
         layer = nn.Linear(in_f, out_f, bias=bias is not None)
         weight = mat
-    return _load(layer, weight, bias, like)
+    return load_weights(layer, weight, bias, like)
 
 
 def _core_like(
@@ -186,26 +189,35 @@ def _core_like(
 ) -> nn.Module:
     d_out, d_in, _ = core.shape
     if isinstance(template, nn.Conv2d):
-        layer = nn.Conv2d(
-            d_in,
-            d_out,
-            template.kernel_size,
-            stride=template.stride,
-            padding=template.padding,
-            dilation=template.dilation,
-            bias=bias is not None,
-            padding_mode=template.padding_mode,
-        )
+        layer = conv_like(template, d_in, d_out, bias=bias is not None)
         weight = core.reshape(d_out, d_in, *template.kernel_size)
     else:
         layer = nn.Linear(d_in, d_out, bias=bias is not None)
         weight = core[..., 0]
-    return _load(layer, weight, bias, like)
+    return load_weights(layer, weight, bias, like)
 
 
-def _load(
+def conv_like(
+    template: nn.Conv2d, c_in: int, c_out: int, *, bias: bool, groups: int = 1
+) -> nn.Conv2d:
+    """A new conv with ``template``'s kernel, stride, padding, dilation and padding mode."""
+    return nn.Conv2d(
+        c_in,
+        c_out,
+        template.kernel_size,
+        stride=template.stride,
+        padding=template.padding,
+        dilation=template.dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=template.padding_mode,
+    )
+
+
+def load_weights(
     layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor
 ) -> nn.Module:
+    """``layer`` on ``like``'s device and dtype, holding ``weight`` (and ``bias``)."""
     layer = layer.to(device=like.device, dtype=like.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight.to(like.dtype))
@@ -239,5 +251,6 @@ def to_eigenbasis(model: nn.Module, kfe: dict[str, KFE]) -> nn.Module:
     new = copy.deepcopy(model)
     for core_name, basis in kfe.items():
         path = layer_path(core_name, new)
-        set_submodule(new, path, build(rotate(factor(new.get_submodule(path)), basis), "full"))
+        layer = in_eigenbasis(to_factored(new.get_submodule(path)), basis)
+        set_submodule(new, path, build_form(layer, "full"))
     return new

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..curvature.hooks import call_model, eval_mode, model_device, to_device
-from .eigenbasis import KFEBottleneck, build, factor, form_params, set_submodule
+from ..modelcall import call_model, eval_mode, model_device, to_device
+from .eigenbasis import Form, KFEBottleneck, build_form, form_params, set_submodule, to_factored
 
 
 def fold_for_speed(
@@ -34,7 +34,7 @@ def fold_for_speed(
     repeats: int = 10,
     margin: float = 0.05,
     threads: int | None = None,
-) -> tuple[nn.Module, dict[str, str]]:
+) -> tuple[nn.Module, dict[str, Form]]:
     """A copy of ``model`` with each :class:`KFEBottleneck` in its fastest exact form.
 
     ``example_inputs`` is a batch as the model takes it (its shape and batch size are the
@@ -49,7 +49,7 @@ def fold_for_speed(
     names = [n for n, m in new.named_modules() if isinstance(m, KFEBottleneck)]
     inputs = _layer_inputs(new, names, to_device(example_inputs, model_device(new)))
     previous = torch.get_num_threads()
-    chosen: dict[str, str] = {}
+    chosen: dict[str, Form] = {}
     try:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -59,8 +59,8 @@ def fold_for_speed(
                     continue
                 current = new.get_submodule(name).eval()
                 form = _current_form(current)
-                f = factor(current)
-                candidates = {c: build(f, c).eval() for c in _distinct_forms(f) if c != form}
+                f = to_factored(current)
+                candidates = {c: build_form(f, c).eval() for c in _distinct_forms(f) if c != form}
                 candidates[form] = current
                 times = _best_times(candidates, inputs[name], repeats)
                 fastest = min(times, key=times.__getitem__)
@@ -108,7 +108,7 @@ def _layer_inputs(model: nn.Module, names: list[str], example_inputs: Any) -> di
     return seen
 
 
-def _current_form(module: nn.Module) -> str:
+def _current_form(module: nn.Module) -> Form:
     if not isinstance(module, KFEBottleneck):
         return "dense"
     folded_in = isinstance(module.rot_in, nn.Identity)
@@ -118,9 +118,9 @@ def _current_form(module: nn.Module) -> str:
     )
 
 
-def _distinct_forms(f: Any) -> list[str]:
+def _distinct_forms(f: Any) -> list[Form]:
     """Forms of ``f`` that differ as modules (a folded side makes some forms coincide)."""
-    forms = []
+    forms: list[Form] = []
     if f.p_in is not None and f.p_out is not None:
         forms.append("full")
     if f.p_in is not None:

@@ -1,0 +1,7 @@
+"""``python -m eigendamage.cli`` (torchrun launches modules): the installed script's CLI."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

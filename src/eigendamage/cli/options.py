@@ -8,6 +8,7 @@ option never need listing twice.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -33,7 +34,10 @@ FisherBatches = Annotated[int, typer.Option(help="batches for curvature (default
 Damping = Annotated[float, typer.Option(help="relative damping of the factors")]
 FinetuneEpochs = Annotated[int, typer.Option(help="fine-tuning epochs per round")]
 FinetuneLr = Annotated[float, typer.Option()]
-NoProgress = Annotated[bool, typer.Option(help="no progress bars")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bars")]
+RunOut = Annotated[Path, typer.Option(help="run directory to create")]
+RunResume = Annotated[Path, typer.Option(help="continue the (killed) run in this directory")]
+RunForce = Annotated[bool, typer.Option(help="replace the run in an existing --out")]
 
 
 def _fields(cls: type[BaseModel], prefix: str = "") -> list[str]:

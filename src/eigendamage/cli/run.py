@@ -21,6 +21,9 @@ from .options import (
     FisherBatches,
     NoProgress,
     PerLayerCap,
+    RunForce,
+    RunOut,
+    RunResume,
     Seed,
 )
 from .progress import bars
@@ -48,9 +51,9 @@ def train_cmd(
     seed: Seed = None,
     device: Device = None,
     config: Path = typer.Option(None, help="JSON/TOML TrainConfig"),
-    out: Path = typer.Option(None, help="run directory to create"),
-    resume: Path = typer.Option(None, help="continue the (killed) run in this directory"),
-    force: bool = typer.Option(False, help="replace the run in an existing --out"),
+    out: RunOut = None,
+    resume: RunResume = None,
+    force: RunForce = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Train a model from scratch and save it (the checkpoint to prune)."""
@@ -95,9 +98,9 @@ def prune_cmd(
     seed: Seed = None,
     device: Device = None,
     config: Path = typer.Option(None, help="JSON/TOML PruneConfig (e.g. configs/...)"),
-    out: Path = typer.Option(None, help="run directory to create"),
-    resume: Path = typer.Option(None, help="continue the (killed) run in this directory"),
-    force: bool = typer.Option(False, help="replace the run in an existing --out"),
+    out: RunOut = None,
+    resume: RunResume = None,
+    force: RunForce = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Prune a model; writes config, metrics and the pruned model into --out."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,10 @@ from eigendamage.seeding import seed_everything
 from eigendamage.train import evaluate, recalibrate_bn, reseed_loader, train
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The commit whose code ran a cell (cells from different code are not mixed silently).
+CODE = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+).stdout.strip()
 
 
 def load_protocol(path: Path) -> dict[str, Any]:
@@ -143,7 +148,7 @@ def pretrained(cfg: dict[str, Any], name: str, seed: int, data: Data) -> torch.n
     if is_model_dir(str(folder / "model")):
         return load_model(folder / "model").to(device)
     seed_everything(seed)
-    model = create_model(name, num_classes=data.spec.num_classes, **cfg["models"][name])
+    model = create_model(name, num_classes=data.spec.num_classes, seed=seed, **cfg["models"][name])
     model.to(device)
     pre = cfg["pretrain"]
     start = time.perf_counter()
@@ -213,6 +218,10 @@ def run_cell(cfg: dict[str, Any], base: torch.nn.Module, data: Data, key: tuple)
     }
     loss_before = _probe_loss(base, data)
     seed_everything(seed)
+    # Every cell of a (model, seed) draws the same curvature and BN batches, whatever ran
+    # before it in this process: a cell is a function of its key alone, and methods compare
+    # on the same data.
+    reseed_loader(data.train, seed)
 
     def between_rounds(model: torch.nn.Module, r: int) -> None:
         reseed_loader(data.train, seed * 7919 + r)
@@ -241,7 +250,7 @@ def run_cell(cfg: dict[str, Any], base: torch.nn.Module, data: Data, key: tuple)
     after = evaluate(model, data.test)
     record: dict[str, Any] = {
         "model": key[0], "seed": seed, "mode": mode, "flops_kept_target": kept, "method": name,
-        "rounds": len(result.rounds), "prune_seconds": seconds,
+        "rounds": len(result.rounds), "prune_seconds": seconds, "code": CODE,
         "pruned": {"test_acc": after.accuracy, "test_loss": after.loss},
         "delta_loss": {"predicted": last.get("predicted_delta_loss"), "measured": measured,
                        "measured_after_bn_recal": measured_recal},

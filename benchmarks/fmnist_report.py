@@ -20,6 +20,8 @@ from typing import Any
 from eigendamage.io import atomic_write_text
 from fmnist_protocol import ROOT, cell_path, cells, load_protocol
 
+VARIANTS: set[str] = set()  # the config's ablation variants: their own table, not the main ones
+
 COLUMNS = (
     ("pruned", "after pruning + BN recal."),
     ("finetune_1", "after 1 epoch"),
@@ -41,6 +43,7 @@ def collect(cfg: dict[str, Any]) -> tuple[dict[tuple, list[dict]], dict[tuple, i
     group should have."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     expected: dict[tuple, int] = defaultdict(int)
+    retimed = _retimed(cfg)
     for key in cells(cfg):
         group = (key[0], key[2], key[3], key[4])
         expected[group] += 1
@@ -48,6 +51,9 @@ def collect(cfg: dict[str, Any]) -> tuple[dict[tuple, list[dict]], dict[tuple, i
         if not path.is_file():
             continue
         record = json.loads(path.read_text(encoding="utf-8"))
+        timed = retimed["cells"].get(str(path.relative_to(cfg["out"])))
+        if timed is not None:  # the latency pass: every model timed in one sitting
+            record["latency_ms"] = timed
         if "error" not in record:  # sizes as fractions of the cell's own unpruned model
             base = _base(cfg, key[0], key[1])
             record["flops_kept"] = record["flops"] / base["flops"]
@@ -56,9 +62,19 @@ def collect(cfg: dict[str, Any]) -> tuple[dict[tuple, list[dict]], dict[tuple, i
     return groups, expected
 
 
+def _retimed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``latency.json`` of ``fmnist_protocol.py latency`` (empty when it has not run)."""
+    path = Path(cfg["out"]) / "latency.json"
+    if not path.is_file():
+        return {"cells": {}, "originals": {}}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _base(cfg: dict[str, Any], model: str, seed: int) -> dict[str, Any]:
     path = Path(cfg["out"]) / "pretrained" / f"{model}_s{seed}" / "metrics.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+    record = json.loads(path.read_text(encoding="utf-8"))
+    timed = _retimed(cfg)["originals"].get(f"{model}_s{seed}")
+    return {**record, "latency_ms": timed} if timed is not None else record
 
 
 def base_rows(cfg: dict[str, Any]) -> list[str]:
@@ -80,6 +96,29 @@ def base_rows(cfg: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ablation(cfg: dict[str, Any], groups: dict[tuple, list[dict]], expected: dict[tuple, int]):
+    """The ablation's variants beside the method they vary, per budget (mean ± std)."""
+    variants = cfg.get("variants", {})
+    lines = ["| model | FLOPs kept | variant | n | after pruning + BN recal. | after N epochs | "
+             "params kept % |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (m, md, kept, name), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][2])):
+        if name not in variants:
+            continue
+        base = variants[name]["method"]
+        for label, rows in ((f"{base} (as in the main table)", groups.get((m, md, kept, base), [])),
+                            (name, recs)):  # fmt: skip
+            ok = [r for r in rows if "error" not in r]
+            lines.append(
+                f"| {m} | {kept:g} | {label} | {len(ok)}/{expected[(m, md, kept, name)]} | "
+                f"{_mean_std([r['pruned']['test_acc'] for r in ok])} | "
+                f"{_mean_std([r['finetune_n']['test_acc'] for r in ok if r.get('finetune_n')])} | "
+                f"{_mean_std([r['params_kept'] for r in ok])} |"
+            )
+    # Each base row is repeated per variant: keep its first occurrence per budget only.
+    seen: set[str] = set()
+    return [ln for ln in lines if not (ln in seen or seen.add(ln))]
+
+
 def table(groups: dict[tuple, list[dict]], expected: dict[tuple, int], model: str, mode: str):
     head = " | ".join(label for _, label in COLUMNS)
     lines = [
@@ -88,7 +127,7 @@ def table(groups: dict[tuple, list[dict]], expected: dict[tuple, int], model: st
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (m, md, kept, method), recs in sorted(groups.items(), key=lambda kv: (-kv[0][2],)):
-        if (m, md) != (model, mode):
+        if (m, md) != (model, mode) or method in VARIANTS:
             continue
         ok = [r for r in recs if "error" not in r]
         if not ok:
@@ -126,7 +165,7 @@ def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    methods = sorted({g[3] for g in groups if g[:2] == (model, mode)})
+    methods = sorted({g[3] for g in groups if g[:2] == (model, mode) and g[3] not in VARIANTS})
     colors = plt.get_cmap("tab20")(range(20))
     for ax, (stage, label) in zip(axes, (COLUMNS[0], COLUMNS[2]), strict=True):
         for i, method in enumerate(methods):
@@ -164,6 +203,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results-fashion-mnist")
     args = parser.parse_args()
     cfg = load_protocol(args.config)
+    VARIANTS.update(cfg.get("variants", {}))
     groups, expected = collect(cfg)
     done = sum(len(v) for v in groups.values())
     lines = [f"Generated by `python benchmarks/fmnist_report.py --config {args.config.name}` "
@@ -177,6 +217,14 @@ def main() -> None:
             image = f"{model}_{mode}.png"
             plot(groups, model, mode, args.out / image)
             lines += ["", f"## {model}, {mode}", "", f"![{model} {mode}]({image})", "", *rows]
+    if VARIANTS:
+        lines += ["", "## Ablation: what changes EigenDamage's accuracy", "",
+                  *ablation(cfg, groups, expected)]  # fmt: skip
+    timed = _retimed(cfg)
+    repeats = timed.get("repeats", 20)
+    lines += ["", f"Latency: {len(timed['cells'])} cells and {len(timed['originals'])} originals "
+              "re-timed in one sitting by `fmnist_protocol.py latency` (one thread, median of "
+              f"{repeats}); the others as measured inside their cell."]  # fmt: skip
     text = "\n".join(lines) + "\n"
     atomic_write_text(args.out / "tables.md", text)
     print(text)

@@ -7,6 +7,7 @@ directories (one module each; the names below are the ones callers use).
 * :mod:`.checkpoints` -- training checkpoints loaded with ``weights_only=True``;
 * :mod:`.module_specs`, :mod:`.architecture`, :mod:`.model_dir` -- a model as safetensors
   plus ``architecture.json``, checked on load by :mod:`.file_checks` and :mod:`.file_limits`;
+  :mod:`.user_model` -- the same for a model of any class, rebuilt onto a fresh instance;
 * :mod:`.legacy` -- state_dict files and opt-in ``torch.save`` pickles.
 """
 

@@ -54,8 +54,8 @@ def _get_spec(model: nn.Module) -> dict[str, Any]:
     spec = getattr(model, "eigendamage_spec", None)
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise ModelError(
-            "model was not created by eigendamage.models.create_model; use `eigendamage export` "
-            "(ONNX / TorchScript) to save arbitrary models"
+            "model was not created by eigendamage.models.create_model, so it has no base to "
+            "describe it against; save_model saves it relative to a fresh instance of its class"
         )
     # Keep every key (e.g. ``input_size``): the spec is copied verbatim into the file.
     return {**dict(spec), "kwargs": dict(spec.get("kwargs", {}))}

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "new_file_mode",
     "to_json",
 ]
 
@@ -71,6 +72,19 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def new_file_mode(directory: Path) -> int:
+    """The permission bits a new file in ``directory`` gets (0o666 less the umask), for
+    writers that create files their own way (safetensors writes 0600).  A probe file, not
+    ``os.umask``: that sets the process-wide umask, racing other threads."""
+    probe = directory / f".mode.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

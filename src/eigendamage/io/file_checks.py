@@ -28,6 +28,7 @@ __all__ = [
     "check_args",
     "check_base",
     "check_child_names",
+    "check_class_base",
     "check_description",
     "check_document",
     "check_path",
@@ -47,7 +48,8 @@ _ATOM = re.compile(r"[A-Za-z][A-Za-z0-9_]*|[0-9]+")
 SHORT_REPR = reprlib.Repr()  # values echoed in messages come from the file: keep them short
 SHORT_REPR.maxstring = SHORT_REPR.maxother = 120
 _SCALARS = (str, int, float, bool, type(None))
-_DOC_KEYS = {"format", "version", "base", "modules", "tied", "attributes"}
+_DOC_KEYS = {"format", "version", "base", "modules", "kept", "tied", "attributes"}
+_KEPT_KEYS = {"class", "children"}
 _DESC_KEYS = {"type", "args", "children"}
 
 T = TypeVar("T")
@@ -135,8 +137,13 @@ def check_document(doc: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(doc) - _DOC_KEYS)
     if unknown:
         raise ModelError(f"unknown key(s) {SHORT_REPR.repr(unknown)}")
-    base = check_base(doc.get("base"))
+    base = doc.get("base")
+    by_class = isinstance(base, dict) and "name" not in base and "class" in base
+    base = check_class_base(base) if by_class else check_base(base)
     modules = _mapping(doc.get("modules"), "'modules'")
+    kept = _check_kept(_mapping(doc.get("kept"), "'kept'"))
+    if kept and not by_class:
+        raise ModelError("'kept' modules need a 'base' that names a class")
     count = 0
     for path, desc in modules.items():
         check_path(path, "'modules' entry", root=True)
@@ -145,7 +152,7 @@ def check_document(doc: dict[str, Any]) -> dict[str, Any]:
         count += _count_modules(desc)
         if count > MAX_MODULES:
             raise ModelError(f"describes more than {MAX_MODULES} modules")
-    for path in modules:  # save_model never lists a path inside a described module
+    for path in [*modules, *kept]:  # save_model never lists a path inside a described module
         parts = path.split(".") if path else []
         for outer in ("", *(".".join(parts[:i]) for i in range(1, len(parts)))):
             if outer != path and modules.get(outer) is not None:
@@ -164,7 +171,40 @@ def check_document(doc: dict[str, Any]) -> dict[str, Any]:
         for attr, value in values.items():
             if not _ATOM.fullmatch(attr) or type(value) is not int or value < 0:
                 raise ModelError(f"attribute {path}.{attr}={SHORT_REPR.repr(value)} refused")
-    return {**doc, "base": base, "modules": modules, "tied": tied, "attributes": attributes}
+    return {
+        **doc,
+        "base": base,
+        "modules": modules,
+        "kept": kept,
+        "tied": tied,
+        "attributes": attributes,
+    }
+
+
+def _class_name(value: Any, what: str) -> str:
+    """A class name from the file: shown in messages only, never imported."""
+    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
+        raise ModelError(f"{what} {SHORT_REPR.repr(value)} is not a class name")
+    return value
+
+
+def _check_kept(kept: dict[str, Any]) -> dict[str, Any]:
+    """``{path: {"class", "children"}}``: the modules a user's fresh instance supplies."""
+    count = 0
+    for path, entry in kept.items():
+        check_path(path, "'kept' entry", root=True)
+        if not isinstance(entry, dict) or set(entry) != _KEPT_KEYS:
+            raise ModelError(f"'kept' entry {path!r} must be an object with 'class', 'children'")
+        _class_name(entry["class"], f"class of kept {path!r}")
+        children = entry["children"]
+        names_ok = isinstance(children, list) and all(isinstance(c, str) for c in children)
+        if not names_ok or len(set(children)) != len(children):
+            raise ModelError(f"children of kept {path!r} must be a list of distinct names")
+        check_child_names(dict.fromkeys(children), path)
+        count += 1 + len(children)
+        if count > MAX_MODULES:
+            raise ModelError(f"keeps more than {MAX_MODULES} modules")
+    return kept
 
 
 def _count_modules(desc: Any) -> int:
@@ -221,6 +261,14 @@ def check_base(spec: Any) -> dict[str, Any]:
     if vocab is not None and (type(vocab) is not int or not 1 <= vocab <= 1 << 24):
         raise ModelError(f"base 'vocab_size' {SHORT_REPR.repr(vocab)} refused")
     return {**spec, "kwargs": kwargs}
+
+
+def check_class_base(spec: Any) -> dict[str, str]:
+    """The base of a model saved without a ``create_model`` spec: its class, recorded for
+    messages only (the caller supplies a fresh instance; nothing is imported)."""
+    if not isinstance(spec, dict) or set(spec) - {"class", "module"}:
+        raise ModelError("'base' must name a create_model spec or a class")
+    return {k: _class_name(v, f"base {k!r}") for k, v in spec.items()}
 
 
 # --------------------------------------------------------------------------- module entries

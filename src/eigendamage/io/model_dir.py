@@ -1,5 +1,6 @@
 """Model directories: ``save_model`` writes the weights as safetensors plus
-``architecture.json`` (:mod:`.architecture`), ``load_model`` rebuilds the base, swaps the
+``architecture.json`` (:mod:`.architecture`; :mod:`.user_model` for a model of any class),
+``load_model`` rebuilds the base (or takes the caller's fresh instance), swaps the
 described modules in and loads the weights strictly; no pickle either way.
 
 Why here and not in ``models``: a saved directory may come from anyone, so loading one goes
@@ -35,9 +36,10 @@ from .architecture import (
     _shapes,
     describe_architecture,
 )
-from .atomic import _atomic_target, atomic_write_json
+from .atomic import _atomic_target, atomic_write_json, new_file_mode
 from .file_checks import check_base, check_document, read_architecture
 from .file_limits import check_sizes, check_weights, module_bytes, on_meta, read_weights_header
+from .user_model import apply_to_instance, check_described, class_of, describe_user_model, meta_copy
 
 __all__ = [
     "build_architecture",
@@ -50,14 +52,55 @@ __all__ = [
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write ``path/model.safetensors`` and ``path/architecture.json`` (no pickle).
+    """Save a (pruned) model as ``path/model.safetensors`` plus ``path/architecture.json``.
 
-    The description is checked before anything is written: rebuilding it must reproduce the
-    model's state_dict keys and shapes, so a file that will not load is never produced.
+    No pickle: the weights are safetensors, the structure is JSON.  A model built by
+    :func:`~eigendamage.models.create_model` is saved self-contained (its registry spec plus
+    the modules pruning changed).  Any other module (your own class, a torchvision model
+    built directly) is saved as the edits to apply onto a fresh instance of its class, which
+    :func:`load_model` then needs as ``model=``: the modules of registered types are
+    described whole, the others (your own blocks) are taken from the fresh instance.  The
+    description is checked before anything is written, so a directory that will not load
+    is never produced.
+
+    Args:
+        model: the model to save; it is not modified.
+        path: the directory to write (created if missing; each file is replaced
+            atomically, with the permissions the umask gives any new file).
+
+    Returns:
+        The directory, as a ``Path``.
+
+    Raises:
+        ModelError: when a changed module's type cannot be described (register it with
+            :func:`~eigendamage.io.register_module_type`, or export to ONNX instead).
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_model as st_save_model
 
+    doc = _registry_doc(model) if _has_spec(model) else describe_user_model(model)
+    if not _has_spec(model):
+        check_described(model, doc["modules"])
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with _atomic_target(out / WEIGHTS_FILE) as tmp:
+        try:
+            st_save_model(model, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as exc:  # its I/O errors are not OSError: a full disk is
+            if "os error 28" in str(exc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from exc
+            raise
+        os.chmod(tmp, new_file_mode(out))  # safetensors writes 0600 whatever the umask
+    atomic_write_json(out / ARCHITECTURE_FILE, doc, sort_keys=False)
+    return out
+
+
+def _has_spec(model: nn.Module) -> bool:
+    return getattr(model, "eigendamage_spec", None) is not None
+
+
+def _registry_doc(model: nn.Module) -> dict[str, Any]:
+    """The description of a registry model, checked by rebuilding it from its base."""
     spec = _get_spec(model)
     check_base(spec)  # what load_model would refuse is never written
     base = _build_base_quietly(spec)
@@ -72,25 +115,31 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             "model cannot be described as its base plus replaced modules; mismatched "
             f"state_dict entries: {', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}"
         )
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    with _atomic_target(out / WEIGHTS_FILE) as tmp:
-        try:
-            st_save_model(model, str(tmp), metadata={"format": "pt"})
-        except SafetensorError as exc:  # its I/O errors are not OSError: a full disk is
-            if "os error 28" in str(exc):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from exc
-            raise
-    atomic_write_json(out / ARCHITECTURE_FILE, doc, sort_keys=False)
-    return out
+    return doc
 
 
-def load_model(path: str | os.PathLike[str]) -> nn.Module:
+def load_model(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` and load its weights strictly (on CPU).
 
     The directory may come from anyone: the description is checked as data, rebuilt on the
     meta device and matched against the weights file's header (names, shapes, bytes) before
-    anything is built for real (:mod:`.file_checks`).
+    anything is built for real (:mod:`.file_checks`); no code it names is imported.
+
+    Args:
+        path: the directory (or either file in it).
+        model: a fresh instance of the saved model's class, constructed by you as before
+            pruning (e.g. ``torchvision.models.resnet18(num_classes=10)``).  Required for a
+            model saved without a ``create_model`` spec; optional for a registry model, whose
+            base it then replaces.  It is changed in place into the saved model; one whose
+            structure does not fit the directory is refused and left untouched.
+
+    Returns:
+        The saved model with its weights: ``model`` itself when given (unless the file
+        replaces its root module).
+
+    Raises:
+        ModelError: for a missing or refused file, a missing ``model=`` where one is needed,
+            or a ``model=`` whose structure does not match the saved one.
     """
     from safetensors import SafetensorError
 
@@ -101,46 +150,72 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
     for f in (arch_file, weights_file):
         if not f.is_file():
             raise ModelError(f"model file {f} not found; expected a directory from save_model")
+    if model is not None and not isinstance(model, nn.Module):
+        raise ModelError(f"model= must be an nn.Module, got {type(model).__name__}")
     doc = read_architecture(arch_file, model_format=MODEL_FORMAT, version=MODEL_FORMAT_VERSION)
-    spec = doc["base"]
-    header = read_weights_header(weights_file)
+    spec, by_class = doc["base"], "name" not in doc["base"]
     new_root = doc["modules"].get("") is not None  # then the base is never built for real
+    if by_class and model is None and not new_root:
+        cls = class_of(doc)
+        raise ModelError(
+            f"{p} holds a pruned {cls}: load it with load_model({str(p)!r}, "
+            f"model=<a fresh instance of {doc['base']['class']}>), built as before pruning"
+        )
+    header = read_weights_header(weights_file)
     sizes: list[int] = []
+
+    def base_of(meta: bool) -> nn.Module | None:
+        if model is not None:
+            return meta_copy(model) if meta else model
+        return None if by_class else _build_base_quietly(spec)
 
     def rebuild(
         base: nn.Module | None, built: Callable[[nn.Module], object] | None = None
     ) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # new modules' init must not move the RNG
             try:
-                model = _apply(base, doc["modules"], doc["tied"], built)
-                _set_attributes(model, doc["attributes"])
+                if by_class:
+                    return apply_to_instance(base, doc, built)
+                rebuilt = _apply(base, doc["modules"], doc["tied"], built)
+                _set_attributes(rebuilt, doc["attributes"])
             except ModelError as exc:
                 raise ModelError(f"{arch_file}: {exc}") from exc
-        return model
+        return rebuilt
 
     def rebuild_on_meta() -> nn.Module:
         sizes.clear()
-        base = _build_base_quietly(spec)
-        sizes.append(module_bytes(base))
+        base = base_of(meta=True)
+        sizes.append(0 if base is None or model is not None else module_bytes(base))
         return rebuild(base, lambda m: sizes.append(module_bytes(m)))
 
     meta = on_meta(rebuild_on_meta)
-    check_weights(meta, header, weights_file)
+    try:
+        check_weights(meta, header, weights_file)
+    except ModelError as exc:
+        if model is None:
+            raise
+        raise ModelError(f"{exc}; is model= built with the arguments of the saved model?") from exc
     try:
         # The base is bounded even when replaced: the model's spec names it, and `bench
-        # latency` or `compare` rebuild it from there.
-        check_sizes(weights_file, sizes[0], sum(sizes[1:]), meta, spec["name"])
+        # latency` or `compare` rebuild it from there.  A caller's model= is theirs.
+        check_sizes(
+            weights_file,
+            sizes[0],
+            sum(sizes[1:]),
+            meta,
+            class_of(doc) if by_class else spec["name"],
+        )
     except ModelError as exc:
         raise ModelError(f"{arch_file}: {exc}") from exc
     del meta
-    model = rebuild(None if new_root else _build_base_quietly(spec))
+    loaded = rebuild(None if new_root else base_of(meta=False))
     try:
-        _load_weights(model, weights_file)
+        _load_weights(loaded, weights_file)
     except (RuntimeError, SafetensorError, OSError) as exc:
         raise ModelError(f"cannot load weights {weights_file}: {exc}") from exc
-    if getattr(model, "eigendamage_spec", None) is None:  # the root itself was replaced
-        model.eigendamage_spec = {**spec, "kwargs": dict(spec.get("kwargs", {}))}
-    return model
+    if not by_class and getattr(loaded, "eigendamage_spec", None) is None:  # root replaced
+        loaded.eigendamage_spec = {**spec, "kwargs": dict(spec.get("kwargs", {}))}
+    return loaded
 
 
 def build_architecture(doc: Mapping[str, Any], *, max_growth: float = 4.0) -> nn.Module:
@@ -156,6 +231,11 @@ def build_architecture(doc: Mapping[str, Any], *, max_growth: float = 4.0) -> nn
         json.loads(json.dumps(doc, allow_nan=False))  # a copy, as plain JSON data
     )
     spec = doc["base"]
+    if "name" not in spec:
+        raise ModelError(
+            f"the architecture describes a pruned {class_of(doc)}: rebuild it with "
+            "load_model(dir, model=<a fresh instance>)"
+        )
     sizes: list[int] = []
 
     def rebuild(base: nn.Module | None, built=None) -> nn.Module:
@@ -220,7 +300,7 @@ def load_or_create(
         name: a model name or a saved model directory.
         num_classes: classes of a model built by name (a saved model fixes its own).
         in_channels: input channels of a model built by name; None means its default.
-        **kwargs: the named model's extra arguments; a saved model takes none.
+        **kwargs: the named model's extra arguments and ``seed``; a saved model takes none.
 
     Returns:
         The model, built on CPU.

@@ -262,6 +262,16 @@ def _describe(module: nn.Module, path: str) -> dict[str, Any]:
     return desc
 
 
+def _describable(module: nn.Module) -> bool:
+    """True when :func:`_describe` can write ``module`` whole: a registered type, and for a
+    container every child too (a ``Sequential`` of user blocks is not)."""
+    entry = _lookup(module)
+    if entry is None:
+        return False
+    children = module._modules.values()
+    return not entry.container or all(c is not None and _describable(c) for c in children)
+
+
 def _build(desc: Mapping[str, Any], path: str, depth: int = 1) -> nn.Module:
     """Rebuild one described module; its JSON is checked first (it may come from anyone)."""
     type_name, args, child_descs = check_description(desc, path, depth)

@@ -139,3 +139,19 @@ def test_ablation_variants_and_latency_pass(protocol, tmp_path) -> None:
     }
     assert all(v["b1"] > 0 and v["b64"] > 0 for v in timed["cells"].values())
     assert set(timed["originals"]) == {"digits-vgg_s0"}
+
+
+def test_a_cell_does_not_depend_on_the_cells_run_before_it(protocol, tmp_path) -> None:
+    """The same cell run after another one, or alone in a fresh process state, gives the
+    same numbers: its curvature and BN batches are drawn from its own seed."""
+    records = []
+    for name, only in (("after", lambda key: True), ("alone", lambda key: key[4] == "l1")):
+        cfg = _config(tmp_path / name)
+        cfg["modes"] = ["one-pass"]
+        cfg["methods"] = ["eigendamage", "l1"]
+        protocol.run(cfg, only=only)
+        key = next(k for k in protocol.cells(cfg) if k[4] == "l1")
+        records.append(json.loads(protocol.cell_path(cfg, *key).read_text()))
+    for stage in ("pruned", "finetune_1", "finetune_n"):
+        assert records[0][stage] == records[1][stage]
+    assert records[0]["params"] == records[1]["params"]

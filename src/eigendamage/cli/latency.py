@@ -14,10 +14,13 @@ from .bench import bench_app
 @friendly_errors
 def latency_cmd(
     model: list[str] = typer.Option(
-        ..., "--model", help="pruned model directory or model name (repeatable)"
+        ...,
+        "--model",
+        help="pruned model directory, model name or .onnx file (onnxruntime, CPU); repeatable",
     ),
     baseline: str = typer.Option(
-        None, help="original model directory or name (default: the first --model's base)"
+        None,
+        help="original model directory, name or .onnx file (default: the first --model's base)",
     ),
     batch_size: list[int] = typer.Option([1, 8], "--batch-size", help="repeatable"),
     input_size: str = typer.Option(
@@ -38,11 +41,17 @@ def latency_cmd(
 
     from ..errors import ConfigError
     from ..io import load_or_create
-    from ..latency import latency_table, run_latency_bench
+    from ..latency import OnnxModel, latency_table, run_latency_bench
     from ..models import create_from_spec
 
+    def load(name: str) -> torch.nn.Module:
+        if name.lower().endswith(".onnx"):
+            return OnnxModel(name, threads)
+        return load_or_create(name)
+
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        onnx = any(n.lower().endswith(".onnx") for n in [*model, baseline or ""])
+        device = "cuda" if torch.cuda.is_available() and not onnx else "cpu"
     shape = None
     if input_size is not None:
         try:
@@ -51,12 +60,17 @@ def latency_cmd(
             raise ConfigError(
                 f"--input-size: expected e.g. 3,224,224, got {input_size!r}"
             ) from None
-    pruned = {name: load_or_create(name) for name in model}
+    pruned = {name: load(name) for name in model}
     if baseline is None:
         first = pruned[model[0]]
+        if isinstance(first, OnnxModel):
+            raise ConfigError(
+                f"{model[0]}: an ONNX file does not record its original model; "
+                "give --baseline (a model directory, name or .onnx file)"
+            )
         base, baseline = create_from_spec(first.eigendamage_spec), "original (random init)"
     else:
-        base = load_or_create(baseline)
+        base = load(baseline)
     rows = run_latency_bench(
         {baseline: base, **pruned},
         baseline=baseline,

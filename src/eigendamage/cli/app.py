@@ -45,6 +45,29 @@ app = _App(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        from .. import __version__
+
+        console.print(f"eigendamage {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="print the version and exit",
+        callback=_print_version,
+        is_eager=True,
+    ),
+) -> None:
+    """Options of ``eigendamage`` itself (before the command)."""
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C")
 EXIT_ERROR, EXIT_OOM, EXIT_INTERRUPTED = 2, 3, 130
@@ -186,7 +209,8 @@ def run_config(
     values = {**overrides(cls, ctx), **(replace or {})}
     out_dir, resuming = _out_dir(out, resume)
     if not resuming:
-        return build_config(cls, config, values), out_dir, False
+        options = {field: flag(field) for field in values}
+        return build_config(cls, config, values, options=options), out_dir, False
     given = [flag(k) for k, v in values.items() if v is not None]
     given += ["--config"] * (config is not None) + ["--force"] * force
     if given:

@@ -10,17 +10,22 @@ from ..config import CompareConfig, TrainConfig, load_config
 from ..errors import ConfigError
 from .app import app, friendly_errors, log, run_config
 from .options import (
+    AllowPickle,
     BatchSize,
     Damping,
     Data,
     DataRoot,
     Device,
+    Exclude,
     FinetuneEpochs,
     FinetuneLr,
     Fisher,
     FisherBatches,
+    NoProgress,
     PerLayerCap,
     Seed,
+    names,
+    with_default,
 )
 from .progress import bars
 from .tables import print_table
@@ -48,21 +53,20 @@ def _names(text: str | None) -> list[str] | None:
 @friendly_errors
 def compare_cmd(
     ctx: typer.Context,
-    model: str = typer.Option(None, help=f"model name, trained first (default {DEFAULT_MODEL})"),
+    model: str = typer.Option(None, help=f"model name, trained first (default: {DEFAULT_MODEL})"),
     checkpoint: str = typer.Option(None, help="trained model directory (instead of --model)"),
-    allow_pickle: bool = typer.Option(
-        False,
-        help="load a legacy torch.save --checkpoint (unpickling runs its code: trust it!); "
-        "never stored: give it again with --resume",
-    ),
+    allow_pickle: AllowPickle = False,
     data: Data = None,
     data_root: DataRoot = None,
     methods: str = typer.Option(None, help="comma-separated methods (default: all)"),
     ratios: str = typer.Option(None, help="comma-separated pruning ratios, e.g. 0.3,0.5,0.7"),
     target_params: str = typer.Option(None, help="comma-separated fractions of params kept"),
     target_flops: str = typer.Option(None, help="comma-separated fractions of FLOPs kept"),
-    rounds: int = typer.Option(None, help="prune -> fine-tune rounds per run"),
+    rounds: int = typer.Option(
+        None, help=with_default(CompareConfig, "rounds", "prune -> fine-tune rounds per run")
+    ),
     per_layer_cap: PerLayerCap = None,
+    exclude: Exclude = None,
     fisher: Fisher = None,
     fisher_batches: FisherBatches = None,
     damping: Damping = None,
@@ -75,8 +79,10 @@ def compare_cmd(
     config: Path = typer.Option(None, help="JSON/TOML CompareConfig (e.g. configs/one_pass/...)"),
     out: Path = typer.Option(None, help="comparison directory to create"),
     resume: Path = typer.Option(None, help="continue the comparison in this directory"),
-    force: bool = typer.Option(False, help="write into an existing --out, redoing every run"),
-    no_progress: bool = typer.Option(False, help="no progress bar"),
+    force: bool = typer.Option(
+        False, "--force", help="write into an existing --out, redoing every run"
+    ),
+    no_progress: NoProgress = False,
 ) -> None:
     """Prune one model with several methods at several budgets; writes results.csv/.md and
     accuracy-vs-params/FLOPs plots into --out (finished runs are kept on --resume)."""
@@ -91,6 +97,7 @@ def compare_cmd(
         "ratios": _floats("ratios", ratios),
         "target_params": _floats("target-params", target_params),
         "target_flops": _floats("target-flops", target_flops),
+        "exclude": names("--exclude", exclude),
     }
     if resume is None and config is None:  # the digits defaults
         parsed["methods"] = parsed["methods"] or available_methods()

@@ -2,44 +2,60 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 from .app import app, console
 
-METHOD_NOTES = {
-    "eigendamage": "EigenDamage: eigen-directions of the K-FAC eigenbasis (the paper)",
-    "eigendamage-dw": "EigenDamage with depthwise-separable cores",
-    "c-obd": "channels: OBD with the exact diagonal Fisher",
-    "c-obs": "channels: OBS per weight under the K-FAC inverse, with update",
-    "kron-obd": "channels: 1/2 S_ii w_i'A w_i (the paper's Kron-OBD)",
-    "kron-obd-orig": "channels: Kron-OBD as the original code scored it",
-    "kron-obs": "channels: row-constrained OBS under A (x) S, joint update",
-    "kron-obs-orig": "channels: Kron-OBS as the original code scored and updated it",
-    "l1": "channels: filter L1 norm, same fraction of every layer (Li et al.)",
-    "random": "channels: seeded random scores",
-    "slimming": "channels: |BatchNorm gamma| (network slimming)",
-    "obd": "weights: OBD under K-FAC (zeroed, shapes kept)",
-    "obs": "weights: OBS under K-FAC with update (zeroed, shapes kept)",
+# source prefix -> (what NAME is, an example, the module it needs, how to install it)
+MODEL_SOURCES = {
+    "torchvision": ("any torchvision.models builder", "torchvision:resnet18", "torchvision"),
+    "timm": ("any timm model", "timm:resnet18", "timm"),
+    "hf": ("a Hugging Face sequence classifier", "hf:bert-base-uncased", "transformers"),
+    "hf-lm": ("a Hugging Face causal language model", "hf-lm:gpt2", "transformers"),
 }
+EXTRA = "pip install 'eigendamage[models]'"
+
+
+def _say(line: str) -> None:
+    console.print(line.rstrip(), markup=False, highlight=False, soft_wrap=True)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    """Rows as left-aligned columns (the last one as it is)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        _say(
+            "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
 
 
 @app.command("models")
 def models_cmd() -> None:
-    """List the built-in model names (plus torchvision:NAME and timm:NAME)."""
+    """List the built-in model names, then the sources `--model SOURCE:NAME` takes
+    (architectures only: weights are never downloaded)."""
     from ..models import list_models
 
     for name in list_models():
-        console.print(name)
+        _say(name)
+    _say("")
+    _say("other sources (--model SOURCE:NAME):")
+    rows = []
+    for source, (what, example, module) in MODEL_SOURCES.items():
+        installed = find_spec(module) is not None
+        state = "installed" if installed else f"needs {module}: {EXTRA}"
+        rows.append((f"{source}:NAME", what, f"e.g. {example}", f"({state})"))
+    _table(rows)
 
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the pruning methods, one per line with a note (docs/method.md has the
-    formulas).  Channel criteria also take --normalize (in compare: NAME+norm)."""
-    from ..methods import available_methods
-    from ..methods.torch_pruning import TP_METHODS
+    """List the pruning methods: the budgets each takes (--ratio, --target-params,
+    --target-flops), what --ratio is a fraction of, and what it does (docs/method.md has
+    the formulas).  Channel criteria also take --normalize (in compare: NAME+norm)."""
+    from ..methods import available_methods, get_method
 
-    names = available_methods()
-    width = max(map(len, names))
-    for name in names:
-        note = METHOD_NOTES.get(name) or TP_METHODS.get(name, ("", {}, ""))[2]
-        line = f"{name:<{width}}  {note}".rstrip()
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    rows = [("method", "budgets", "ratio of", "description")]
+    for name in available_methods():
+        method = get_method(name)
+        rows.append((name, " ".join(method.budgets), method.units, method.description))
+    _table(rows)

@@ -10,11 +10,13 @@ import typer
 from ..config import PruneConfig, TrainConfig
 from .app import app, friendly_errors, log, run_config
 from .options import (
+    AllowPickle,
     BatchSize,
     Damping,
     Data,
     DataRoot,
     Device,
+    Exclude,
     FinetuneEpochs,
     FinetuneLr,
     Fisher,
@@ -25,6 +27,8 @@ from .options import (
     RunOut,
     RunResume,
     Seed,
+    names,
+    with_default,
 )
 from .progress import bars
 from .tables import print_table
@@ -39,15 +43,23 @@ from .tables import print_table
 @friendly_errors
 def train_cmd(
     ctx: typer.Context,
-    model: str = typer.Option(None, help="model name (see `eigendamage models`)"),
+    model: str = typer.Option(
+        None, help="model name (required, here or in --config; see `eigendamage models`)"
+    ),
     data: Data = None,
     data_root: DataRoot = None,
-    epochs: int = typer.Option(None),
-    lr: float = typer.Option(None),
+    epochs: int = typer.Option(None, help=with_default(TrainConfig, "epochs", "training epochs")),
+    lr: float = typer.Option(None, help=with_default(TrainConfig, "lr", "learning rate")),
     batch_size: BatchSize = None,
-    weight_decay: float = typer.Option(None),
-    schedule: str = typer.Option(None, help="step | cosine | constant"),
-    l1_bn: float = typer.Option(None, help="L1 on BN scales (Network Slimming)"),
+    weight_decay: float = typer.Option(
+        None, help=with_default(TrainConfig, "weight_decay", "SGD weight decay")
+    ),
+    schedule: str = typer.Option(
+        None, help=with_default(TrainConfig, "schedule", "step | cosine | constant")
+    ),
+    l1_bn: float = typer.Option(
+        None, help=with_default(TrainConfig, "l1_bn", "L1 on BN scales (Network Slimming)")
+    ),
     seed: Seed = None,
     device: Device = None,
     config: Path = typer.Option(None, help="JSON/TOML TrainConfig"),
@@ -71,19 +83,24 @@ def prune_cmd(
         None, help="model name: an untrained model, or the architecture of a state_dict file"
     ),
     checkpoint: str = typer.Option(None, help="model directory written by `train`/`prune`"),
-    allow_pickle: bool = typer.Option(
-        False,
-        help="load a legacy torch.save --checkpoint (unpickling runs its code: trust it!); "
-        "never stored in the run: give it again with --resume",
-    ),
+    allow_pickle: AllowPickle = False,
     data: Data = None,
     data_root: DataRoot = None,
-    method: str = typer.Option(None, help="eigendamage, c-obd, c-obs, kron-obd, kron-obs, ..."),
-    ratio: float = typer.Option(None, help="fraction of units removed per round"),
+    method: str = typer.Option(
+        None,
+        help="the pruning method (required, here or in --config): eigendamage, c-obd, c-obs, "
+        "kron-obd, kron-obs, ... (see `eigendamage methods`)",
+    ),
+    ratio: float = typer.Option(
+        None, help="fraction of units removed per round (give one of the three budgets)"
+    ),
     target_params: float = typer.Option(None, help="fraction of parameters kept at the end"),
     target_flops: float = typer.Option(None, help="fraction of FLOPs kept at the end"),
-    rounds: int = typer.Option(None, help="prune -> fine-tune rounds"),
+    rounds: int = typer.Option(
+        None, help=with_default(PruneConfig, "rounds", "prune -> fine-tune rounds")
+    ),
     per_layer_cap: PerLayerCap = None,
+    exclude: Exclude = None,
     fisher: Fisher = None,
     fisher_batches: FisherBatches = None,
     damping: Damping = None,
@@ -97,7 +114,9 @@ def prune_cmd(
     batch_size: BatchSize = None,
     seed: Seed = None,
     device: Device = None,
-    config: Path = typer.Option(None, help="JSON/TOML PruneConfig (e.g. configs/...)"),
+    config: Path = typer.Option(
+        None, help="JSON/TOML PruneConfig: the keys of a run's config.json; options override it"
+    ),
     out: RunOut = None,
     resume: RunResume = None,
     force: RunForce = False,
@@ -108,7 +127,9 @@ def prune_cmd(
     from ..reported import NONZERO_NOTE, method_label, sparse_params, summary_rows
     from ..runner import run_prune
 
-    cfg, out_dir, resuming = run_config(PruneConfig, ctx)
+    cfg, out_dir, resuming = run_config(
+        PruneConfig, ctx, replace={"exclude": names("--exclude", exclude)}
+    )
     metrics = run_prune(
         cfg,
         out_dir,
@@ -128,7 +149,7 @@ def prune_cmd(
 @friendly_errors
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), help="run directory"),
-    force: bool = typer.Option(False, help="write into an existing --out"),
+    force: bool = typer.Option(False, "--force", help="write into an existing --out"),
     seed: int = typer.Option(0, min=0),
     no_progress: NoProgress = False,
 ) -> None:

@@ -41,10 +41,35 @@ def _fields_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def format_validation_error(exc: ValidationError, source: str, model_cls: type[BaseModel]) -> str:
-    """All of pydantic's errors on one line: ``source: field.path: message (got value)``."""
+def format_validation_error(
+    exc: ValidationError,
+    source: str,
+    model_cls: type[BaseModel],
+    *,
+    data: Mapping[str, Any] | None = None,
+    options: Mapping[str, str] | None = None,
+) -> str:
+    """All of pydantic's errors on one line: ``source: field.path: message (got value)``.
+
+    Args:
+        exc: pydantic's error.
+        source: where the values came from (``config FILE``, ``command line``).
+        model_cls: the config validated.
+        data: the raw values validated; the rules across fields (the model's
+            ``whole_problems``), which pydantic skips while a field is invalid, are then
+            listed too.
+        options: dotted field -> the option that sets it (``--method``): a missing field
+            with an option is named as ``--method is required``, with the accepted names
+            where the config lists them (invalid values keep the field's name, which is
+            also the key of a config file).
+
+    Returns:
+        The message, without a line break.
+    """
+    options = options or {}
     parts = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
         loc = tuple(err["loc"])
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
@@ -53,10 +78,18 @@ def format_validation_error(exc: ValidationError, source: str, model_cls: type[B
             where = f"{_loc(loc[:-1])}: " if len(loc) > 1 else ""
             parts.append(f"{where}unknown key {key!r}{hint}")
             continue
+        option = options.get(_loc(loc)) if loc else None
+        if err["type"] == "missing" and option is not None:
+            choices = getattr(model_cls, "choices", lambda _: [])(_loc(loc))
+            one_of = f" (one of: {', '.join(choices)})" if choices else ""
+            parts.append(f"{option} is required{one_of}")
+            continue
         msg = err["msg"].removeprefix("Value error, ")
         where = f"{_loc(loc)}: " if loc else ""
         got = "" if err["type"] == "missing" or not loc else f" (got {_got(err.get('input'))})"
         parts.append(f"{where}{msg}{got}")
+    if data is not None and all(err["loc"] for err in errors):  # the whole-model rules skipped
+        parts += getattr(model_cls, "whole_problems", lambda _: [])(data)
     return f"{source}: " + "; ".join(parts)
 
 
@@ -70,7 +103,8 @@ def load_config(path: str | Path, model_cls: type[C]) -> C:
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"config {p}", model_cls)) from None
+        message = format_validation_error(exc, f"config {p}", model_cls, data=data)
+        raise ConfigError(message) from None
 
 
 def _with_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,22 +137,43 @@ def merge_overrides(cfg: C, overrides: Mapping[str, Any]) -> C:
         raise ConfigError(format_validation_error(exc, "options", type(cfg))) from None
 
 
-def build_config(model_cls: type[C], path: str | Path | None, overrides: Mapping[str, Any]) -> C:
+def build_config(
+    model_cls: type[C],
+    path: str | Path | None,
+    overrides: Mapping[str, Any],
+    *,
+    options: Mapping[str, str] | None = None,
+) -> C:
     """The config a command runs with: the file (if any) with the command-line values on top.
 
     Validated once, after merging, so options can complete a partial file (a file without
-    ``method`` plus ``--method``); errors name the source of the offending values.
+    ``method`` plus ``--method``); errors name the source of the offending values, and all
+    of them at once.
+
+    Args:
+        model_cls: the config to build.
+        path: a JSON/TOML file, or None.
+        overrides: dotted field -> value (None: not given).
+        options: dotted field -> the option that sets it (``--method``), for the fields a
+            command has an option for: a missing one is then named by its option.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: one line naming every problem.
     """
-    data = read_config_file(Path(path)) if path is not None else {}
+    data = _with_overrides(read_config_file(Path(path)) if path is not None else {}, overrides)
     try:
-        return model_cls.model_validate(_with_overrides(data, overrides))
+        return model_cls.model_validate(data)
     except ValidationError as exc:
         if path is None:
             source = "command line"
         else:
-            given = any(v is not None for v in overrides.values())
-            source = f"config {path}" + (" with command-line options" if given else "")
-        raise ConfigError(format_validation_error(exc, source, model_cls)) from None
+            mixed = any(v is not None for v in overrides.values())
+            source = f"config {path}" + (" with command-line options" if mixed else "")
+        message = format_validation_error(exc, source, model_cls, data=data, options=options)
+        raise ConfigError(message) from None
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

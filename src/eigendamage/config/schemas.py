@@ -7,7 +7,7 @@ negative damping would otherwise silently run the wrong experiment for hours.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -36,6 +36,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(
         extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False
     )
+
+    @classmethod
+    def whole_problems(cls, data: Mapping[str, Any]) -> list[str]:
+        """The rules across fields that ``data`` (raw values) breaks.  Why on raw data:
+        pydantic checks them only once every field is valid, so an error message that lists
+        every problem at once asks for them here."""
+        return []
+
+    @classmethod
+    def choices(cls, field: str) -> list[str]:
+        """The accepted values of ``field`` where they are a list of names (else empty)."""
+        return []
 
 
 def _check_device(value: str) -> str:
@@ -104,6 +116,8 @@ PICKLE_IN_FILE = (
 class _PruneCommon(_Strict):
     """Fields shared by ``prune`` and ``compare``."""
 
+    BUDGETS: ClassVar[tuple[str, ...]] = ()  # the budget fields, of which one is given
+
     model: str | None = Field(default=None, min_length=1, description="model registry name")
     checkpoint: str | None = Field(
         default=None,
@@ -126,10 +140,22 @@ class _PruneCommon(_Strict):
         default=False,
         description="channel criteria: divide each layer's scores by their sum before ranking",
     )
+    exclude: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_LIST,
+        description="modules never pruned (names as in model.named_modules())",
+    )
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: str = "auto"
     batch_size: int = Field(default=128, ge=1, le=MAX_BATCH)
+
+    @field_validator("exclude")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        if any(not name.strip() for name in v):
+            raise ValueError("module names must be non-empty")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -148,21 +174,29 @@ class _PruneCommon(_Strict):
             data = {k: v for k, v in data.items() if k != "allow_pickle"}
         return data
 
-    @model_validator(mode="after")
-    def _source(self) -> _PruneCommon:
-        if self.model is None and self.checkpoint is None:
-            raise ValueError(
+    @classmethod
+    def whole_problems(cls, data: Mapping[str, Any]) -> list[str]:
+        """A source of the model, and exactly one of the budgets (:attr:`BUDGETS`)."""
+        problems = []
+        if data.get("model") is None and data.get("checkpoint") is None:
+            problems.append(
                 "give 'model' (a registry name) or 'checkpoint' (both only for a state_dict "
                 "file whose architecture 'model' names)"
             )
+        given = [n for n in cls.BUDGETS if data.get(n) is not None]
+        if len(given) != 1:
+            got = f"got {', '.join(given)}" if given else "got none"
+            problems.append(f"give exactly one of {', '.join(cls.BUDGETS)} ({got})")
+        return problems
+
+    @model_validator(mode="after")
+    def _whole(self) -> _PruneCommon:
+        problems = self.whole_problems(
+            {name: getattr(self, name) for name in type(self).model_fields}
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
-
-
-def _exactly_one(obj: BaseModel, names: tuple[str, ...]) -> None:
-    given = [n for n in names if getattr(obj, n) is not None]
-    if len(given) != 1:
-        got = f"got {', '.join(given)}" if given else "got none"
-        raise ValueError(f"give exactly one of {', '.join(names)} ({got})")
 
 
 class PruneConfig(_PruneCommon):
@@ -172,14 +206,23 @@ class PruneConfig(_PruneCommon):
     ``target_params``/``target_flops`` are the fraction of the original count to *keep*.
     """
 
+    BUDGETS: ClassVar[tuple[str, ...]] = ("ratio", "target_params", "target_flops")
     method: str = Field(min_length=1)
     ratio: float | None = Field(default=None, gt=0, lt=1)
     target_params: float | None = Field(default=None, gt=0, le=1)
     target_flops: float | None = Field(default=None, gt=0, le=1)
 
+    @classmethod
+    def choices(cls, field: str) -> list[str]:
+        """The method names for ``method``."""
+        if field != "method":
+            return []
+        from ..methods import available_methods
+
+        return available_methods()
+
     @model_validator(mode="after")
-    def _one_budget(self) -> PruneConfig:
-        _exactly_one(self, ("ratio", "target_params", "target_flops"))
+    def _normalize_taken(self) -> PruneConfig:
         if self.normalize:
             from ..methods import available_methods, check_normalize
 
@@ -194,6 +237,7 @@ class PruneConfig(_PruneCommon):
 class CompareConfig(_PruneCommon):
     """Several methods at several budgets on the same model, for tables and trade-off plots."""
 
+    BUDGETS: ClassVar[tuple[str, ...]] = ("ratios", "target_params", "target_flops")
     methods: list[str] = Field(min_length=1, max_length=MAX_LIST)
     ratios: list[float] | None = Field(default=None, min_length=1, max_length=MAX_LIST)
     target_params: list[float] | None = Field(default=None, min_length=1, max_length=MAX_LIST)
@@ -222,11 +266,6 @@ class CompareConfig(_PruneCommon):
         if v is not None and any(not 0 < t <= 1 for t in v):
             raise ValueError("every target must be in (0, 1]")
         return v
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> CompareConfig:
-        _exactly_one(self, ("ratios", "target_params", "target_flops"))
-        return self
 
     def runs(self) -> list[PruneConfig]:
         """One PruneConfig per (method, budget), methods outermost, in the given orders.
@@ -263,6 +302,7 @@ class CompareConfig(_PruneCommon):
             data_root=self.data_root,
             rounds=self.rounds,
             per_layer_cap=self.per_layer_cap,
+            exclude=list(self.exclude),
             fisher=self.fisher,
             fisher_batches=self.fisher_batches,
             fisher_samples=self.fisher_samples,

@@ -8,9 +8,11 @@ then per round ``round(model, loader, spec)`` -- so a method is one object in th
 from __future__ import annotations
 
 import dataclasses
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -39,7 +41,8 @@ class RoundSpec:
 
     Exactly one of ``ratio`` (fraction of the method's units removed) and ``target`` is set;
     ``exclude`` holds every module name never pruned (blocks already expanded); ``damping``
-    is resolved (never None) and ``seed`` is the round's own.
+    is resolved (never None) and ``seed`` is the round's own.  ``log`` (None: quiet) takes
+    one line per stage as it starts and ends (see :meth:`stage`).
     """
 
     ratio: float | None
@@ -55,6 +58,17 @@ class RoundSpec:
     device: torch.device | str | None = None
     eigenvalues: EigenvalueSource = "kfac"
     normalize: bool = False
+    log: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+
+    def stage(
+        self, name: str, timings: dict[str, float], detail: str = ""
+    ) -> AbstractContextManager[None]:
+        """:func:`stage` through this round's ``log``."""
+        return stage(self.log, name, timings, detail)
+
+    def batches(self, loader: Iterable) -> str:
+        """:func:`batches_read` of this round's data pass."""
+        return batches_read(loader, self.fisher_batches)
 
     def data_pass(self) -> DataPass:
         """The settings of the round's passes over the data (K-FAC, EKFAC)."""
@@ -66,6 +80,41 @@ class RoundSpec:
     def budget(self) -> BudgetKind:
         """``"ratio"``, or the metric of the target."""
         return "ratio" if self.target is None else self.target.metric
+
+
+@contextmanager
+def stage(
+    log: Callable[[str], None] | None, name: str, timings: dict[str, float], detail: str = ""
+) -> Iterator[None]:
+    """Time one stage of a round into ``timings[name]``, saying through ``log`` (None:
+    quiet) when it starts and how long it took.  Why: curvature, eigendecomposition and
+    surgery can each take minutes, with no other sign of life.
+
+    Args:
+        log: where the lines go, or None.
+        name: the stage (``curvature``, ``eigendecomposition``, ``surgery``, ...).
+        timings: the round's seconds per stage.
+        detail: what the stage works on (``(10 batches)``, ``of 16 layers``).
+    """
+    if log is not None:
+        log(" ".join(part for part in (name, detail, "...") if part))
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    if log is not None:
+        log(f"{name} done in {timings[name]:.1f} s")
+
+
+def batches_read(loader: Iterable | None, limit: int | None) -> str:
+    """How many batches a pass over ``loader`` reads (at most ``limit``), for stage lines."""
+    try:
+        total: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if limit is not None and total is not None:
+        return f"({min(limit, total)} batches)"
+    n = limit if limit is not None else total
+    return f"({n} batches)" if n is not None else "(all batches)"
 
 
 class Record(Mapping[str, Any]):
@@ -124,6 +173,7 @@ class Method(ABC):
 
     Attributes:
         name: The name the CLI and ``run_pruning(method=...)`` use.
+        description: One line for ``eigendamage methods``: what it scores and removes.
         units: What ``ratio`` is a fraction of: eigen-directions, channels or weights.
         budgets: The budgets it accepts: ``"ratio"``, ``"params"``, ``"flops"``.
         default_damping: Relative damping when the caller gives none.
@@ -131,6 +181,7 @@ class Method(ABC):
     """
 
     name: str
+    description: str = ""
     units: Units
     budgets: tuple[BudgetKind, ...] = ("ratio", "params", "flops")
     default_damping: float = 1e-3

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +37,21 @@ from ..layers import is_plain_layer
 from ..measure import count
 from ..structure import ChannelGroups, prune_channels
 from ..surgery.channels import apply_weight_update_
-from .base import DampedMethod, Record, RoundDetail, RoundInfo, RoundSpec
+from .base import DampedMethod, Record, RoundDetail, RoundInfo, RoundSpec, batches_read, stage
 from .budget import Scale, solve_budget
 from .checks import example_input
+
+CHANNEL_NOTES = {
+    "c-obd": "channels: OBD with the exact diagonal Fisher",
+    "c-obs": "channels: OBS per weight under the K-FAC inverse, with update",
+    "kron-obd": "channels: 1/2 S_ii w_i'A w_i (the paper's Kron-OBD)",
+    "kron-obd-orig": "channels: Kron-OBD as the original code scored it",
+    "kron-obs": "channels: row-constrained OBS under A (x) S, joint update",
+    "kron-obs-orig": "channels: Kron-OBS as the original code scored and updated it",
+    "l1": "channels: filter L1 norm, same fraction of every layer (Li et al.)",
+    "random": "channels: seeded random scores",
+    "slimming": "channels: |BatchNorm gamma| (network slimming)",
+}
 
 
 @dataclass(kw_only=True)
@@ -109,6 +120,7 @@ def channel_prune(
     ignored_layers: Iterable[str] | None = None,
     tolerance: float = 0.01,
     normalize: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, ChannelPruneInfo]:
     """Prune whole channels of ``model`` (untouched) and return ``(smaller model, info)``.
 
@@ -120,6 +132,7 @@ def channel_prune(
     ``collect_kfac(..., diag=True)`` for c-obd) skips the curvature pass;
     ``obs_update=False`` skips the OBS compensation; ``normalize`` divides each layer's
     scores by their sum (the original code's option; off in the paper's protocol).
+    ``log`` (None: quiet) takes a line as each stage starts and ends.
 
     ``info`` (:class:`ChannelPruneInfo`): ``threshold``, ``ratio`` (achieved fraction of
     channels removed), ``removed`` (output channels removed per layer), ``keep`` (per
@@ -131,7 +144,6 @@ def channel_prune(
     the fraction of every group removed.
     """
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
     mode, target = one_budget(ratio, target_params, target_flops, ratio_open=(False, False))
     check_fraction("per_layer_cap", per_layer_cap, open_low=False, open_high=False)
     criterion = get_criterion(method)
@@ -145,60 +157,62 @@ def channel_prune(
     if "kfac" in criterion.needs and factors is None:
         data = DataPass(fisher, fisher_batches, fisher_samples, seed, device)
         diag = "diag" in criterion.needs
-        factors = collect_factors(model, loader, data, ctx.layers, needed_by=method, diag=diag)
-        seconds["curvature"] = time.perf_counter() - start
-        start = time.perf_counter()
+        with stage(log, "curvature", seconds, batches_read(loader, fisher_batches)):
+            factors = collect_factors(model, loader, data, ctx.layers, needed_by=method, diag=diag)
     ctx.factors = factors or {}
-    layer_scores = criterion.score(model, ctx)
-    if normalize:
-        layer_scores = normalized(layer_scores)
-    group_scores = groups.group_scores(layer_scores)
-    ranked = layer_fractions(group_scores) if criterion.ranking == "layer" else group_scores
-    caps = {
-        gid: min(math.floor(per_layer_cap * len(s)), len(s) - 1) for gid, s in group_scores.items()
-    }
-    ranking = GlobalRanking(ranked, caps)
-
-    def keep_for(k: int) -> dict[str, torch.Tensor]:
-        return _keep(groups, ranking.removed(k), ranked)
-
     before = count(model, example_inputs=example_inputs)
-    target_reached = None
-    if mode == "ratio":
-        k = math.floor(target * ranking.total)
-    else:
+    with stage(log, "scoring", seconds, f"of {len(groups)} channel groups"):
+        layer_scores = criterion.score(model, ctx)
+        if normalize:
+            layer_scores = normalized(layer_scores)
+        group_scores = groups.group_scores(layer_scores)
+        ranked = layer_fractions(group_scores) if criterion.ranking == "layer" else group_scores
+        caps = {
+            gid: min(math.floor(per_layer_cap * len(s)), len(s) - 1)
+            for gid, s in group_scores.items()
+        }
+        ranking = GlobalRanking(ranked, caps)
 
-        def kept_fraction(k: float) -> tuple[float, None]:
-            pruned = prune_channels(model, groups, keep_for(int(k)))
-            after = count(pruned, example_inputs=example_inputs)
-            return getattr(after, mode) / getattr(before, mode), None
+        def keep_for(k: int) -> dict[str, torch.Tensor]:
+            return _keep(groups, ranking.removed(k), ranked)
 
-        solved = solve_budget(
-            kept_fraction,
-            target,
-            Scale(ranking.total, steps_of_one=True, accept_hi="above"),
-            label=f"target_{mode}={target:g}",
-            unreachable=lambda kept: (
-                f"target_{mode}={target:g} is unreachable with per_layer_cap={per_layer_cap:g}: "
-                f"at most {1 - kept:.4f} of the {mode} can be removed (kept fraction "
-                f"{kept:.4f}); raise per_layer_cap or the target"
-            ),
-            value_format=".4f",
-            tolerance=tolerance,
-        )
-        k, target_reached = int(solved.point), solved.value / target
-    seconds["scoring"] = time.perf_counter() - start
-    start = time.perf_counter()
-    keep = keep_for(k)
-    plan = groups.removal_plan(keep)
-    source = model
-    if obs_update:
-        pruned_rows = {n: idx for (n, dim), idx in plan.items() if dim == "out" and n in ctx.layers}
-        updates = criterion.update(model, ctx, pruned_rows)
-        if updates:
-            source = apply_weight_update_(copy.deepcopy(model), updates)
-    pruned = prune_channels(source, groups, keep)
-    seconds["surgery"] = time.perf_counter() - start
+        target_reached = None
+        if mode == "ratio":
+            k = math.floor(target * ranking.total)
+        else:
+
+            def kept_fraction(k: float) -> tuple[float, None]:
+                pruned = prune_channels(model, groups, keep_for(int(k)))
+                after = count(pruned, example_inputs=example_inputs)
+                return getattr(after, mode) / getattr(before, mode), None
+
+            solved = solve_budget(
+                kept_fraction,
+                target,
+                Scale(ranking.total, steps_of_one=True, accept_hi="above"),
+                label=f"target_{mode}={target:g}",
+                unreachable=lambda kept: (
+                    f"target_{mode}={target:g} is unreachable with "
+                    f"per_layer_cap={per_layer_cap:g}: at most {1 - kept:.4f} of the {mode} "
+                    f"can be removed (kept fraction {kept:.4f}); raise per_layer_cap or the "
+                    "target"
+                ),
+                value_format=".4f",
+                tolerance=tolerance,
+            )
+            k, target_reached = int(solved.point), solved.value / target
+    with stage(log, "surgery", seconds):
+        keep = keep_for(k)
+        plan = groups.removal_plan(keep)
+        source = model
+        if obs_update:
+            pruned_rows = {
+                n: idx for (n, dim), idx in plan.items() if dim == "out" and n in ctx.layers
+            }
+            updates = criterion.update(model, ctx, pruned_rows)
+            if updates:
+                source = apply_weight_update_(copy.deepcopy(model), updates)
+        pruned = prune_channels(source, groups, keep)
     after = count(pruned, example_inputs=example_inputs)
     removed_channels = sum(int(len(s) - len(keep.get(g, s))) for g, s in group_scores.items())
     return pruned, ChannelPruneInfo(
@@ -258,6 +272,8 @@ class ChannelMethod(DampedMethod):
 
     def __init__(self, criterion: str) -> None:
         self.name = criterion
+        doc = (type(get_criterion(criterion)).__doc__ or "").strip().splitlines()
+        self.description = CHANNEL_NOTES.get(criterion) or f"channels: {doc[0] if doc else ''}"
 
     def check(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         """Some channel group besides the output layer's can be pruned."""
@@ -290,7 +306,7 @@ class ChannelMethod(DampedMethod):
             per_layer_cap=spec.per_layer_cap, damping=spec.damping,
             fisher=spec.fisher, fisher_batches=spec.fisher_batches,
             fisher_samples=spec.fisher_samples, seed=spec.seed, device=spec.device,
-            ignored_layers=sorted(spec.exclude), normalize=spec.normalize,
+            ignored_layers=sorted(spec.exclude), normalize=spec.normalize, log=spec.log,
         )  # fmt: skip
         detail = ChannelDetail(
             threshold=info.threshold, removed=info.removed,

@@ -14,7 +14,6 @@ rewrite -- so the K-FAC pass, the eigenbasis merge and the ranking work unchange
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterable
 
 import torch
@@ -123,6 +122,7 @@ class DepthwiseEigenDamage(EigenDamage):
     Budgets are met on the final, depthwise form."""
 
     name = "eigendamage-dw"
+    description = "EigenDamage with the pruned k x k cores as depthwise-separable stacks"
     cp_iterations = CP_ITERATIONS
 
     def round(
@@ -130,17 +130,16 @@ class DepthwiseEigenDamage(EigenDamage):
     ) -> tuple[nn.Module, RoundInfo]:
         """The depthwise round (see :class:`DepthwiseEigenDamage`)."""
         rotated, scores, timings = score_eigendirections(densify(model), loader, spec)
-        t0 = time.perf_counter()
         ratio = spec.ratio
-        if spec.target is not None:
-            ratio = self._solve(model, rotated, scores, spec)
-        cap = spec.per_layer_cap
-        plan = plan_pruning(rotated, scores, ratio=ratio, per_layer_cap=cap)
-        pruned, cp_errors = apply_dw_plan(
-            model, rotated, scores, plan, per_layer_cap=cap, iterations=self.cp_iterations,
-            seed=spec.seed,
-        )  # fmt: skip
-        timings["surgery"] = time.perf_counter() - t0
+        with spec.stage("surgery", timings, "(depthwise cores)"):
+            if spec.target is not None:
+                ratio = self._solve(model, rotated, scores, spec)
+            cap = spec.per_layer_cap
+            plan = plan_pruning(rotated, scores, ratio=ratio, per_layer_cap=cap)
+            pruned, cp_errors = apply_dw_plan(
+                model, rotated, scores, plan, per_layer_cap=cap, iterations=self.cp_iterations,
+                seed=spec.seed,
+            )  # fmt: skip
         counts = count(pruned, spec.input_shape)
         forms = {n: "depthwise" if n in cp_errors else lp.form for n, lp in plan.layers.items()}
         detail = EigenDetail.of(plan, cp_error=cp_errors, forms=forms)

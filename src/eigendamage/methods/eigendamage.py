@@ -5,7 +5,6 @@ surgery into the cheapest exact form (the scoring and planning live in
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -74,7 +73,6 @@ def score_eigendirections(model: nn.Module, loader: Iterable, spec: RoundSpec) -
 
     Returns ``(rotated layers, scores, seconds per stage)``; shared by every KFE method."""
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     targets, dense = target_policy(model, spec.exclude)
     if not targets:
         why = "; ".join(f"{n}: {r}" for n, r in dense.items()) or "none"
@@ -86,26 +84,23 @@ def score_eigendirections(model: nn.Module, loader: Iterable, spec: RoundSpec) -
             f"left dense: {why}"
         )
     data = spec.data_pass()
-    factors = collect_factors(
-        model, loader, data, targets, needed_by="EigenDamage", conv_mode="channel"
-    )
-    timings["curvature"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    kfe = stable_eigendecompose(factors, damping=spec.damping, drop_bias=True)
-    timings["eigendecomposition"] = time.perf_counter() - t0
+    with spec.stage("curvature", timings, spec.batches(loader)):
+        factors = collect_factors(
+            model, loader, data, targets, needed_by="EigenDamage", conv_mode="channel"
+        )
+    with spec.stage("eigendecomposition", timings, f"of {len(factors)} layers"):
+        kfe = stable_eigendecompose(factors, damping=spec.damping, drop_bias=True)
     if spec.eigenvalues == "ekfac":
-        t0 = time.perf_counter()
-        diagonals = kfe_diagonal(
-            model, loader, kfe, fisher=data.fisher, batches=data.batches, samples=data.samples,
-            seed=data.seed, device=data.device,
-        )  # fmt: skip
+        with spec.stage("ekfac", timings, f"diagonal {spec.batches(loader)}"):
+            diagonals = kfe_diagonal(
+                model, loader, kfe, fisher=data.fisher, batches=data.batches,
+                samples=data.samples, seed=data.seed, device=data.device,
+            )  # fmt: skip
         for name, diag in diagonals.items():
             kfe[name].diag = diag
-        timings["ekfac"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rotated = rotated_layers(model, kfe)
-    scores = {n: direction_scores(rotated[n], kfe[n]) for n in kfe}
-    timings["scoring"] = time.perf_counter() - t0
+    with spec.stage("scoring", timings):
+        rotated = rotated_layers(model, kfe)
+        scores = {n: direction_scores(rotated[n], kfe[n]) for n in kfe}
     return rotated, scores, timings
 
 
@@ -118,6 +113,7 @@ class EigenDamage(Method):
     """
 
     name = "eigendamage"
+    description = "EigenDamage: eigen-directions of the K-FAC eigenbasis (the paper)"
     units = "directions"
     default_damping = 0.0
 
@@ -132,17 +128,16 @@ class EigenDamage(Method):
     ) -> tuple[nn.Module, RoundInfo]:
         """K-FAC, KFE, global ranking, surgery (see :class:`EigenDamage`)."""
         rotated, scores, timings = score_eigendirections(model, loader, spec)
-        t0 = time.perf_counter()
 
         def build_with(r: float) -> tuple[nn.Module, EigenDamagePlan]:
             plan = plan_pruning(rotated, scores, ratio=r, per_layer_cap=spec.per_layer_cap)
             return apply_plan(copy.deepcopy(model), rotated, plan), plan
 
         ratio = spec.ratio
-        if spec.target is not None:
-            ratio = solve_ratio(lambda r: build_with(r)[0], spec.target, spec.input_shape)
-        pruned, plan = build_with(ratio)
-        timings["surgery"] = time.perf_counter() - t0
+        with spec.stage("surgery", timings):
+            if spec.target is not None:
+                ratio = solve_ratio(lambda r: build_with(r)[0], spec.target, spec.input_shape)
+            pruned, plan = build_with(ratio)
         counts = count(pruned, spec.input_shape)
         target = spec.target
         detail = EigenDetail.of(

@@ -107,6 +107,10 @@ def run_pruning(
     all); a later one is logged ("round k removed nothing: stopping after k-1 rounds") and
     the result so far is returned, without calling ``finetune`` or ``on_round`` for it.
 
+    Progress: ``log`` (None: quiet) takes a line per stage of every round (curvature,
+    eigendecomposition, scoring, surgery: each when it starts and with its seconds when it
+    ends) and one per finished round.
+
     Resuming: pass the model saved after round ``start_round - 1`` with ``start_round`` and
     the ``reference`` counts of the original model; ``on_round(model, info)`` is called after
     each finished round (pruned and fine-tuned), ``before_round(round)`` before its curvature
@@ -175,6 +179,7 @@ def run_pruning(
             device=device,
             eigenvalues=eigenvalues,
             normalize=normalize,
+            log=_prefixed(log, f"round {r}/{rounds}: "),
         )
         if info.detail.removed_units == 0:
             if r == 1:
@@ -221,13 +226,15 @@ def prune_round(
     device: torch.device | str | None = None,
     eigenvalues: EigenvalueSource = "kfac",
     normalize: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, RoundInfo]:
     """One round of ``method`` on a copy of ``model``: :meth:`Method.round` with its
     :class:`RoundSpec` built from named settings, as :func:`run_pruning` runs each round.
 
     ``target`` is ``(metric, absolute count)``; ``exclude`` names every module never pruned
     (no block expansion, no output layer added); ``damping=None`` is the method's default.
-    The settings are not checked beyond what the method checks itself.
+    The settings are not checked beyond what the method checks itself.  ``log`` takes a
+    line as each stage of the round starts and ends (None: quiet).
     """
     method = method if isinstance(method, Method) else get_method(method)
     spec = RoundSpec(
@@ -244,8 +251,16 @@ def prune_round(
         device=device,
         eigenvalues=eigenvalues,
         normalize=normalize,
+        log=log,
     )
     return method.round(model, loader, spec)
+
+
+def _prefixed(log: Callable[[str], None] | None, prefix: str) -> Callable[[str], None] | None:
+    """``log`` with every line starting with ``prefix`` (None stays None: quiet)."""
+    if log is None:
+        return None
+    return lambda message: log(prefix + message)
 
 
 @contextmanager

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -29,7 +28,7 @@ from ..measure import count
 from ..modelcall import eval_mode, logits_of
 from ..structure.groups import trace_forward
 from ..structure.ties import tied_layers
-from .base import Method, RoundDetail, RoundInfo, RoundSpec, Target
+from .base import Method, RoundDetail, RoundInfo, RoundSpec, Target, batches_read, stage
 from .budget import Scale, solve_budget
 from .checks import example_input, match_modes
 from .tp_gradients import DEFAULT_BATCHES, GRADIENT_METHODS, gradients
@@ -189,6 +188,7 @@ def tp_round(
     device: torch.device | str | None = None,
     fisher_batches: int | None = None,
     global_pruning: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, RoundInfo]:
     """One round of a ``tp-*`` method on a copy of ``model`` (untouched).
 
@@ -196,66 +196,65 @@ def tp_round(
     when ``global_pruning=False``), clipped to what ``per_layer_cap`` allows; ``target``:
     ``(metric, absolute count)``.  ``fisher_batches`` is the number of batches for
     Taylor/Hessian gradients (default 10); the curvature settings of the other methods
-    (``fisher``, ``fisher_samples``, ``damping``) do not apply.
+    (``fisher``, ``fisher_samples``, ``damping``) do not apply.  ``log`` (None: quiet)
+    takes a line as each stage starts and ends.
     """
     import torch_pruning as tp
 
     tp_importance(method)  # unknown names fail before any work
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
     grads: dict[str, torch.Tensor] = {}
     batches = fisher_batches or DEFAULT_BATCHES
     if method in GRADIENT_METHODS:
         squared = method == "tp-hessian"
-        grads = gradients(model, loader, squared=squared, batches=batches, device=device)
-        seconds["gradients"] = time.perf_counter() - start
-        start = time.perf_counter()
-    example = example_input(model, input_shape)
-    ignored = sorted(set(exclude) | set(tied_layers(model)))
+        with stage(log, "gradients", seconds, batches_read(loader, batches)):
+            grads = gradients(model, loader, squared=squared, batches=batches, device=device)
+    with stage(log, "search", seconds, "(Torch-Pruning pruners until the budget is met)"):
+        example = example_input(model, input_shape)
+        ignored = sorted(set(exclude) | set(tied_layers(model)))
 
-    trial = partial(
-        _trial, model, method, example=example, ignored=ignored,
-        global_pruning=global_pruning, seed=seed,
-    )  # fmt: skip
-    raw = trial(0.0, grads=grads).raw  # the probe: TP's scores, nothing removed
-    if not raw:
-        raise ModelError(
-            f"{method} scores no channel group of {type(model).__name__} (output and "
-            f"excluded layers: {', '.join(ignored) or 'none'})"
-            + ("; it needs BatchNorm layers" if method == "tp-bn-scale" else "")
-        )
-    fixed, sizes = _ranked(raw, per_layer_cap)
-    del grads
-    units = sum(n for n, _ in sizes)
-    # TP removes N - int(N * (1 - r)) of N channels per scope: at most the removable ones
-    if global_pruning:
-        hi = (sum(m for _, m in sizes) - 0.5) / units
-    else:
-        hi = min((m - 0.5) / n for n, m in sizes)
-    hi = max(hi, 0.0)
-    replay = partial(trial, fixed=fixed)
-    if target is None:
-        result = replay(min(float(ratio or 0.0), hi))
-    else:
-        metric, goal = target
+        trial = partial(
+            _trial, model, method, example=example, ignored=ignored,
+            global_pruning=global_pruning, seed=seed,
+        )  # fmt: skip
+        raw = trial(0.0, grads=grads).raw  # the probe: TP's scores, nothing removed
+        if not raw:
+            raise ModelError(
+                f"{method} scores no channel group of {type(model).__name__} (output and "
+                f"excluded layers: {', '.join(ignored) or 'none'})"
+                + ("; it needs BatchNorm layers" if method == "tp-bn-scale" else "")
+            )
+        fixed, sizes = _ranked(raw, per_layer_cap)
+        del grads
+        units = sum(n for n, _ in sizes)
+        # TP removes N - int(N * (1 - r)) of N channels per scope: at most the removable ones
+        if global_pruning:
+            hi = (sum(m for _, m in sizes) - 0.5) / units
+        else:
+            hi = min((m - 0.5) / n for n, m in sizes)
+        hi = max(hi, 0.0)
+        replay = partial(trial, fixed=fixed)
+        if target is None:
+            result = replay(min(float(ratio or 0.0), hi))
+        else:
+            metric, goal = target
 
-        def measure(r: float) -> tuple[float, _Trial]:
-            t = replay(r)
-            return getattr(count(t.model, input_shape), metric), t
+            def measure(r: float) -> tuple[float, _Trial]:
+                t = replay(r)
+                return getattr(count(t.model, input_shape), metric), t
 
-        resolution = 0.5 / units if global_pruning else 1e-4
-        result = solve_budget(
-            measure,
-            goal,
-            Scale(hi, steps=40, resolution=resolution, accept_hi="within"),
-            label=f"target {metric} {goal:,.0f}",
-            unreachable=lambda left: (
-                f"target {metric} {goal:,.0f} is unreachable for {method}: removing as many "
-                f"channels as per_layer_cap={per_layer_cap:g} allows leaves {left:,.0f}; "
-                "raise per_layer_cap or use more rounds"
-            ),
-        ).made
-    seconds["search"] = time.perf_counter() - start  # TP pruners until the budget is met
+            resolution = 0.5 / units if global_pruning else 1e-4
+            result = solve_budget(
+                measure,
+                goal,
+                Scale(hi, steps=40, resolution=resolution, accept_hi="within"),
+                label=f"target {metric} {goal:,.0f}",
+                unreachable=lambda left: (
+                    f"target {metric} {goal:,.0f} is unreachable for {method}: removing as many "
+                    f"channels as per_layer_cap={per_layer_cap:g} allows leaves {left:,.0f}; "
+                    "raise per_layer_cap or use more rounds"
+                ),
+            ).made
     pruned = _finish(result.model, model, example)
     counts = count(pruned, input_shape)
     detail = TPDetail(
@@ -309,6 +308,7 @@ class TorchPruning(Method):
         if name not in TP_METHODS:
             raise ConfigError(unknown_name("Torch-Pruning method", name, TP_METHODS))
         self.name = name
+        self.description = TP_METHODS[name][2]
         self.global_pruning = global_pruning
 
     def round(
@@ -328,4 +328,5 @@ class TorchPruning(Method):
             device=spec.device,
             fisher_batches=spec.fisher_batches,
             global_pruning=self.global_pruning,
+            log=spec.log,
         )

@@ -9,7 +9,6 @@ masks the pruned weights' gradients with the masks the round hands over.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,6 +26,11 @@ from ..measure import count
 from ..structure.ties import tied_layers
 from .base import DampedMethod, RoundDetail, RoundInfo, RoundSpec
 from .checks import example_input, is_plain_conv_or_linear, no_plain_layer
+
+WEIGHT_NOTES = {
+    "obd": "weights: OBD under K-FAC (zeroed, shapes kept)",
+    "obs": "weights: OBS under K-FAC with update (zeroed, shapes kept)",
+}
 
 
 @dataclass(kw_only=True)
@@ -58,6 +62,7 @@ class WeightLevel(DampedMethod):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.description = WEIGHT_NOTES.get(name, "")
 
     def check(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         """Some Linear/Conv2d layer besides the output layer."""
@@ -75,18 +80,20 @@ class WeightLevel(DampedMethod):
     ) -> tuple[nn.Module, RoundInfo]:
         """Zero the round's share of the standing weights (see :class:`WeightLevel`)."""
         example = example_input(model, spec.input_shape)
-        start = time.perf_counter()
+        seconds: dict[str, float] = {}
         layers = self._layers(model, spec.exclude)
         weights = [model.get_submodule(n).weight for n in layers]
         zeros = sum(int((w == 0).sum()) for w in weights)
         total = sum(w.numel() for w in weights)
         # ratio of the weights still standing, as channel methods take it of the channels left
         sparsity = zeros / total + spec.ratio * (1 - zeros / total)
-        factors = collect_factors(model, loader, spec.data_pass(), layers, needed_by=self.name)
-        pruned, info = weight_prune(
-            model, None, self.name, sparsity, factors=factors, modules=layers,
-            per_layer_cap=spec.per_layer_cap, damping=spec.damping,
-        )  # fmt: skip
+        with spec.stage("curvature", seconds, spec.batches(loader)):
+            factors = collect_factors(model, loader, spec.data_pass(), layers, needed_by=self.name)
+        with spec.stage("weight_prune", seconds, f"to sparsity {sparsity:.3f}"):
+            pruned, info = weight_prune(
+                model, None, self.name, sparsity, factors=factors, modules=layers,
+                per_layer_cap=spec.per_layer_cap, damping=spec.damping,
+            )  # fmt: skip
         counts = count(pruned, example_inputs=example)
         masks = info["masks"]
         zeroed = sum(int((pruned.get_submodule(n).weight == 0).sum()) for n in layers)
@@ -103,7 +110,6 @@ class WeightLevel(DampedMethod):
             total_units=total - zeros,
             params_nonzero=counts.params - zeroed,  # masked now or in an earlier round
         )
-        seconds = {"weight_prune": time.perf_counter() - start}
         return pruned, RoundInfo(0, info["sparsity"], counts.params, counts.flops, seconds, detail)
 
     def _layers(self, model: nn.Module, exclude: Iterable[str]) -> list[str]:

@@ -17,7 +17,7 @@ JSON).  Two rules of the jobs themselves make the directories trustworthy:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from ..io.run_dir import (
 )
 from ..measure import count
 from ..methods import RoundInfo, available_methods, get_method, run_pruning
+from ..methods.checks import excluded_roots
 from ..reported import prune_metrics
 from ..seeding import seed_everything
 from ..train import TrainHistory, TrainProgress, evaluate, recalibrate_bn, reseed_loader, train
@@ -83,8 +84,12 @@ def _loaders(cfg: TrainConfig | PruneConfig) -> Loaders:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_prunable(model: nn.Module, method: str, input_shape: tuple[int, ...]) -> None:
-    """Fail before the run when ``method`` finds nothing to prune, naming what it skips."""
+def _check_prunable(
+    model: nn.Module, method: str, input_shape: tuple[int, ...], exclude: Sequence[str] = ()
+) -> None:
+    """Fail before the run when ``exclude`` names a module ``model`` lacks or when
+    ``method`` finds nothing to prune, naming what it skips."""
+    excluded_roots(model, exclude, None)
     get_method(method).check(model, input_shape)
 
 
@@ -153,7 +158,9 @@ def _train(cfg: TrainConfig, run: Run, progress: TrainProgress | None) -> dict[s
     seed_everything(cfg.seed)
     loaders = _loaders(cfg)
     spec = loaders.spec
-    model = load_or_create(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    model = load_or_create(
+        cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels, seed=cfg.seed
+    )
     check_forward(model, loaders, f"model {cfg.model!r}", cfg.dataset)
     with run.started():
         only_main(write_run_files)(out_dir, cfg, device, resume)
@@ -266,7 +273,7 @@ def _prune(
     original = source_model(cfg, spec.num_classes, spec.in_channels, log, allow_pickle)
     what = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else f"model {cfg.model!r}"
     check_forward(original, loaders, what, cfg.dataset)
-    _check_prunable(original, cfg.method, input_shape)
+    _check_prunable(original, cfg.method, input_shape, cfg.exclude)
     source = on_main(source_digest, cfg, out_dir, resume, log)
     finished, state = last_finished_round(out_dir) if resume else (0, {})
     model = original
@@ -319,6 +326,7 @@ def _prune(
             fisher_batches=cfg.fisher_batches,
             fisher_samples=cfg.fisher_samples,
             damping=cfg.damping,
+            exclude=cfg.exclude,
             normalize=cfg.normalize,
             seed=cfg.seed,
             device=device,

@@ -46,7 +46,7 @@ class MakeDir:
 
 def _small_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_model("digits-vgg", widths=(8, "M", 16))
+    return create_model("digits-vgg", widths=(8, "M", 16), seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,14 @@ from .modelcall import eval_mode, run_model
 DEFAULT_INPUT_SHAPE = (1, 3, 32, 32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Counts:
     """Totals plus ``per_layer[name] = (own params, MACs)`` for modules with either.
 
     ``params`` counts every parameter once (shared ones too, BN included); per-layer params
     are each module's own, so with weight sharing they can add up to more than ``params``.
+    Printed, it shows the totals only: the per-layer detail of a large model is hundreds of
+    lines (read ``per_layer`` or :meth:`to_dict` for it).
     """
 
     params: int
@@ -47,6 +49,13 @@ class Counts:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __repr__(self) -> str:
+        layers = len(self.per_layer)
+        return f"Counts(params={self.params}, flops={self.flops}, per_layer=<{layers} layers>)"
+
+    def __str__(self) -> str:
+        return f"params {self.params:,}; FLOPs (MACs) {self.flops:,}"
 
 
 def _layer_flops(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> int:

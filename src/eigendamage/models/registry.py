@@ -12,7 +12,8 @@ registry name before the pruned shapes are applied (:func:`create_from_spec`).  
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -85,18 +86,62 @@ def _tag(
     setattr(model, SPEC_ATTR, {**spec, **(extra or {})})
 
 
+@contextmanager
+def _seeded_init(seed: int | None) -> Iterator[None]:
+    """Draw initial weights from ``seed`` inside the block without moving the caller's RNG.
+
+    Only torch's CPU generator is forked and seeded: models are built on CPU.  ``None``
+    draws from the global RNG as usual.
+    """
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
+    ):
+        raise ModelError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}.")
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 def create_model(
-    name: str, *, num_classes: int = 10, in_channels: int | None = None, **kwargs: Any
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int | None = None,
+    seed: int | None = 0,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a randomly initialised model by registry name or ``source:name``.
 
     Sources: ``torchvision:``, ``timm:``, ``hf:`` (sequence classifier), ``hf-lm:`` (causal
-    LM); see :mod:`.external`.  ``in_channels=None`` means the model's own default (1 for
-    digits nets, 3 otherwise).  Pretrained weights are never downloaded.  Raises
-    :class:`ModelError` for unknown names or arguments, with the valid choices in the message.
+    LM); see :mod:`.external`.  Pretrained weights are never downloaded.
+
+    Args:
+        name: a registered name (:func:`list_models`) or ``source:name``.
+        num_classes: outputs of the classifier.
+        in_channels: input channels; None means the model's own default (1 for digits
+            nets, 3 otherwise).
+        seed: the initial weights' seed, so the same call builds the same model; the
+            caller's global RNG is left where it was.  None draws from the global RNG.
+        **kwargs: the model's own extra arguments (``widths=...``, config fields).
+
+    Returns:
+        The model on CPU, with ``model.eigendamage_spec`` (the seed is not part of it).
+
+    Raises:
+        ModelError: for unknown names, arguments or seeds, with the valid choices.
     """
     if not isinstance(name, str) or not name:
         raise ModelError(f"model name must be a non-empty string, got {name!r}.")
+    with _seeded_init(seed):
+        return _build(name, num_classes, in_channels, kwargs)
+
+
+def _build(
+    name: str, num_classes: int, in_channels: int | None, kwargs: dict[str, Any]
+) -> nn.Module:
     if ":" in name:
         from .external import create_external
 

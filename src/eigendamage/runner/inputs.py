@@ -93,7 +93,9 @@ def source_model(
             return load_or_create(cfg.model, num_classes=num_classes, in_channels=in_channels)
 
     if cfg.checkpoint is None:
-        model = load_or_create(cfg.model, num_classes=num_classes, in_channels=in_channels)
+        model = load_or_create(
+            cfg.model, num_classes=num_classes, in_channels=in_channels, seed=cfg.seed
+        )
         log(f"warning: pruning an untrained {cfg.model}; pass --checkpoint for a trained one")
         return model
     return load_model_file(

@@ -43,7 +43,17 @@ def evaluate(
 ) -> EvalResult:
     """Mean cross-entropy and accuracy in eval mode; the model's modes are restored after.
 
-    ``device=None`` uses the device of the model's parameters; otherwise the model is moved.
+    Args:
+        model: a classifier returning logits (or an output with ``.logits``).
+        loader: ``(inputs, targets)`` batches, e.g. ``make_loaders(...).test``.
+        device: where to run; None uses the device of the model's parameters, otherwise
+            the model is moved there.
+
+    Returns:
+        The mean loss, the accuracy in [0, 1] and the number of examples.
+
+    Raises:
+        DataError: for a loader without examples or labels outside the model's classes.
     """
     dev = resolve_device(device, model)
     if device is not None:

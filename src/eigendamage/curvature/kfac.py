@@ -17,6 +17,7 @@ documented in :mod:`eigendamage.curvature.factors`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -37,6 +38,8 @@ from .patches import (
     gram,
 )
 from .types import CONV_MODES, ConvMode, FactorKind, FisherType, factor_kind
+
+logger = logging.getLogger("eigendamage")
 
 # Upper bound on elements of one chunk of per-example gradients (diagonal Fisher).
 _PER_EXAMPLE_CHUNK = 1 << 24
@@ -240,12 +243,17 @@ def collect_kfac(
     """Estimate K-FAC factors of every Linear/Conv2d layer (or of ``modules``).
 
     Args:
+        model: the network; it is only read.
+        loader: an iterable of ``(inputs, targets)`` batches.
         fisher: ``"true"`` samples labels from the model (the Fisher proper);
             ``"empirical"`` uses the dataset's labels.
         batches: use only the first ``batches`` batches of ``loader`` (all when None).
         samples: label draws per input for the true Fisher (one backward each).
         conv_mode: ``"patch"`` (A over ``c_in*kh*kw``) or ``"channel"`` (A over ``c_in``,
             kernel offsets as samples; EigenDamage's 1x1 Q_A; no bias coordinate).
+            :func:`~eigendamage.surgery.to_eigenbasis` takes either.
+        modules: names or modules of the layers to collect on; None: every plain
+            Linear/Conv2d that the forward pass calls.
         diag: also estimate the exact diagonal Fisher (``extra["diag"]``, shaped like
             ``weight.flatten(1)`` plus a bias column) from per-example gradients.
         dtype: accumulation dtype (float32, or float64 for reference computations).
@@ -262,6 +270,16 @@ def collect_kfac(
 
     The model's parameters, ``.grad``, ``requires_grad`` flags, train/eval modes and
     BatchNorm statistics are left exactly as they were.
+
+    Returns:
+        ``{layer name: KFactors}``.  With ``modules=None`` (every plain Linear/Conv2d),
+        layers the forward pass never calls (auxiliary heads in eval mode, the
+        ``out_proj`` of ``nn.MultiheadAttention``) are left out and logged at INFO level.
+
+    Raises:
+        ConfigError: an invalid option or combination of options.
+        ModelError: a requested module is not a plain Linear/Conv2d of the model.
+        CurvatureError: no data, non-finite factors, or a requested layer never called.
     """
     if conv_mode not in CONV_MODES:
         raise ConfigError(f"conv_mode must be one of {CONV_MODES}, got {conv_mode!r}")
@@ -286,9 +304,28 @@ def collect_kfac(
         num_examples = _all_reduce_accumulators(accs, num_examples, device, model)
     if num_examples == 0:
         raise CurvatureError("the data loader yielded no batches: cannot estimate curvature")
-    factors = {name: acc.finish(num_examples) for name, acc in accs.items()}
+    factors = {
+        name: acc.finish(num_examples)
+        for name, acc in accs.items()
+        if not _never_called(name, acc, requested=modules is not None)
+    }
     check_finite(factors)
     return factors
+
+
+def _never_called(name: str, acc: _Accumulator, *, requested: bool) -> bool:
+    """True for a layer the forward pass never called, left out of the default targets
+    (GoogLeNet's auxiliary heads in eval mode, ``nn.MultiheadAttention.out_proj``): it has
+    no curvature to estimate.  A layer the caller asked for by name is an error."""
+    if acc.a_count > 0:
+        return False
+    if requested:
+        raise CurvatureError(
+            f"layer {name!r} was never called in the forward pass, so it has no K-FAC "
+            "factors: leave it out of `modules` (when pruning: `exclude` it)"
+        )
+    logger.info("collect_kfac: layer %r is never called in the forward pass; left out", name)
+    return True
 
 
 def _all_reduce_accumulators(

@@ -17,20 +17,32 @@ function: the full bottleneck, ``rot_out`` folded into the core (a two-layer low
 factorisation), ``rot_in`` folded into the core, or -- when no pruned form is smaller than
 the dense layer -- the dense layer left unpruned (the original code's rule).  A folded
 side is an ``nn.Identity``; a later round treats it as the identity rotation.
+
+:func:`to_eigenbasis` also takes the factors' other conventions, as a bottleneck that is
+exact but outside the forms above (no pruning, no later rounds): a patch-mode ``Q_A``
+(side ``c_in*kh*kw``) makes ``rot_in`` a ``kh x kw`` conv from ``c_in`` to ``c_in*kh*kw``
+channels with the layer's stride/padding and the core a 1x1 conv; the bias coordinate
+(``Q_A`` one larger) becomes ``rot_in``'s bias, the last row of ``Q_A``, and the layer's
+bias moves into the core.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, get_args, overload
 
 import torch
 from torch import nn
 
 from ..curvature.factors import KFE
 from ..errors import ModelError
+from ..layers import is_plain_layer
+from .modules import conv_like, core_like, load_weights, pointwise, set_submodule
+
+logger = logging.getLogger("eigendamage")
 
 Form = Literal["full", "fold_out", "fold_in", "dense"]
 FORMS: tuple[Form, ...] = get_args(Form)
@@ -75,6 +87,12 @@ def core_layer(module: nn.Module) -> nn.Module:
 def to_factored(module: nn.Module) -> Factored:
     """Read a plain layer or a bottleneck as :class:`Factored` matrices (float64 copies)."""
     if isinstance(module, KFEBottleneck):
+        if not is_channel_form(module):
+            raise ModelError(
+                "a bottleneck from patch-mode or bias-coordinate factors is exact but cannot "
+                "be pruned or rotated again; build it from collect_kfac(conv_mode='channel') "
+                "and eigendecompose(drop_bias=True)"
+            )
         core = to_factored(module.core)
         p_in = None if isinstance(module.rot_in, nn.Identity) else _matrix(module.rot_in)
         p_out = None if isinstance(module.rot_out, nn.Identity) else _matrix(module.rot_out)
@@ -89,6 +107,23 @@ def to_factored(module: nn.Module) -> Factored:
         w = module.weight.detach().double()
         return Factored(None, w.unsqueeze(-1), None, _bias(module), module)
     raise ModelError(f"cannot reparameterise a {type(module).__name__}")
+
+
+def is_channel_form(bottleneck: KFEBottleneck) -> bool:
+    """True when ``rot_in`` is a bias-free 1x1 map (or folded): the forms of this module."""
+    rot = bottleneck.rot_in
+    if isinstance(rot, nn.Identity):
+        return True
+    if isinstance(rot, nn.Linear):
+        return rot.bias is None
+    return (
+        isinstance(rot, nn.Conv2d)
+        and rot.bias is None
+        and rot.kernel_size == (1, 1)
+        and rot.stride == (1, 1)
+        and rot.padding in ((0, 0), "valid")
+        and rot.groups == 1
+    )
 
 
 def _matrix(rot: nn.Module) -> torch.Tensor:
@@ -110,8 +145,8 @@ def in_eigenbasis(f: Factored, kfe: KFE) -> Factored:
     if q_a.shape[0] != f.core.shape[1] or q_s.shape[0] != f.core.shape[0]:
         raise ModelError(
             f"eigenbasis sizes {tuple(q_s.shape)}/{tuple(q_a.shape)} do not match the layer "
-            f"core {tuple(f.core.shape[:2])}: were the factors collected in channel mode "
-            "without the bias coordinate?"
+            f"core {tuple(f.core.shape[:2])}: a bottleneck takes factors collected with "
+            "conv_mode='channel' and decomposed with drop_bias=True"
         )
     core = torch.einsum("po,pqk,qi->oik", q_s, f.core, q_a)
     p_in = q_a.T if f.p_in is None else q_a.T @ f.p_in
@@ -163,74 +198,11 @@ def build_form(f: Factored, form: Form = "full") -> nn.Module:
     like = f.template.weight
     rot_in = nn.Identity() if p_in is None else pointwise(f.template, p_in, None, like)
     core_bias = f.bias if p_out is None else None
-    core_mod = _core_like(f.template, core, core_bias, like)
+    core_mod = core_like(f.template, core, core_bias, like)
     rot_out = nn.Identity() if p_out is None else pointwise(f.template, p_out, f.bias, like)
     if form == "dense":
         return core_mod
     return KFEBottleneck(rot_in, core_mod, rot_out)
-
-
-def pointwise(
-    template: nn.Module, mat: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor
-) -> nn.Module:
-    """``mat`` (out, in) as a 1x1 conv (or Linear, after ``template``'s type)."""
-    out_f, in_f = mat.shape
-    if isinstance(template, nn.Conv2d):
-        layer = nn.Conv2d(in_f, out_f, 1, bias=bias is not None)
-        weight = mat.reshape(out_f, in_f, 1, 1)
-    else:
-        layer = nn.Linear(in_f, out_f, bias=bias is not None)
-        weight = mat
-    return load_weights(layer, weight, bias, like)
-
-
-def _core_like(
-    template: nn.Module, core: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor
-) -> nn.Module:
-    d_out, d_in, _ = core.shape
-    if isinstance(template, nn.Conv2d):
-        layer = conv_like(template, d_in, d_out, bias=bias is not None)
-        weight = core.reshape(d_out, d_in, *template.kernel_size)
-    else:
-        layer = nn.Linear(d_in, d_out, bias=bias is not None)
-        weight = core[..., 0]
-    return load_weights(layer, weight, bias, like)
-
-
-def conv_like(
-    template: nn.Conv2d, c_in: int, c_out: int, *, bias: bool, groups: int = 1
-) -> nn.Conv2d:
-    """A new conv with ``template``'s kernel, stride, padding, dilation and padding mode."""
-    return nn.Conv2d(
-        c_in,
-        c_out,
-        template.kernel_size,
-        stride=template.stride,
-        padding=template.padding,
-        dilation=template.dilation,
-        groups=groups,
-        bias=bias,
-        padding_mode=template.padding_mode,
-    )
-
-
-def load_weights(
-    layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor
-) -> nn.Module:
-    """``layer`` on ``like``'s device and dtype, holding ``weight`` (and ``bias``)."""
-    layer = layer.to(device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight.to(like.dtype))
-        if bias is not None:
-            layer.bias.copy_(bias.to(like.dtype))
-    return layer
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def layer_path(core_name: str, model: nn.Module) -> str:
@@ -241,16 +213,128 @@ def layer_path(core_name: str, model: nn.Module) -> str:
     return core_name
 
 
-def to_eigenbasis(model: nn.Module, kfe: dict[str, KFE]) -> nn.Module:
-    """A copy of ``model`` with every layer in ``kfe`` as a full KFE bottleneck.
+@overload
+def to_eigenbasis(
+    model: nn.Module, kfe: dict[str, KFE], *, return_skipped: Literal[False] = False
+) -> nn.Module: ...
 
-    Keys of ``kfe`` name the layers (or bottleneck cores) the eigenbases belong to; the
-    eigenbases must be those of the channel-mode A (no bias coordinate) and S.  The copy
-    computes the same function up to float round-off; ``model`` is not modified.
+
+@overload
+def to_eigenbasis(
+    model: nn.Module, kfe: dict[str, KFE], *, return_skipped: Literal[True]
+) -> tuple[nn.Module, dict[str, str]]: ...
+
+
+def to_eigenbasis(
+    model: nn.Module, kfe: dict[str, KFE], *, return_skipped: bool = False
+) -> nn.Module | tuple[nn.Module, dict[str, str]]:
+    """A copy of ``model`` with every layer of ``kfe`` rewritten in its eigenbasis.
+
+    The copy computes the same function up to float round-off; ``model`` is not modified.
+    The factors' convention is read from the sizes of ``Q_A``.  Channel mode without the
+    bias coordinate (``collect_kfac(conv_mode="channel")``,
+    ``eigendecompose(drop_bias=True)``: EigenDamage's convention) gives full bottlenecks
+    (:class:`KFEBottleneck`) that pruning works on; patch mode and the bias coordinate
+    (the defaults) give the exact bottlenecks of the module docstring, which cannot be
+    pruned further.  Layers that cannot be rewritten -- grouped and depthwise convs,
+    other layer types, subclasses with their own forward, layers inside
+    ``nn.MultiheadAttention``, the rotations of a bottleneck -- are left as they are.
+
+    Args:
+        model: the network; it is only read.
+        kfe: ``{layer or bottleneck-core name: KFE}``, e.g. from
+            :func:`~eigendamage.curvature.eigendecompose`.
+        return_skipped: also return the layers left as they are.
+
+    Returns:
+        The rewritten copy; with ``return_skipped``, ``(copy, {name: reason})`` for the
+        layers of ``kfe`` left as they are (also logged at INFO level).
+
+    Raises:
+        ModelError: a name of ``kfe`` is not a submodule of ``model``, or a layer's
+            eigenbasis fits none of the conventions (factors of another model).
     """
     new = copy.deepcopy(model)
+    inside_mha = {
+        id(child)
+        for module in new.modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child in module.children()
+    }
+    skipped: dict[str, str] = {}
     for core_name, basis in kfe.items():
-        path = layer_path(core_name, new)
-        layer = in_eigenbasis(to_factored(new.get_submodule(path)), basis)
-        set_submodule(new, path, build_form(layer, "full"))
-    return new
+        try:
+            path = layer_path(core_name, new)
+            layer = new.get_submodule(path)
+        except AttributeError as err:
+            raise ModelError(f"layer {core_name!r} of the eigenbases is not in the model") from err
+        reason = _unsupported(layer, id(layer) in inside_mha) or _rotation_of(new, path)
+        if reason:
+            skipped[core_name] = reason
+            continue
+        set_submodule(new, path, _rotated(layer, basis, core_name))
+    if skipped:
+        logger.info("to_eigenbasis left %d layer(s) as they are: %s", len(skipped), skipped)
+    return (new, skipped) if return_skipped else new
+
+
+def _unsupported(layer: nn.Module, inside_mha: bool) -> str | None:
+    """Why ``layer`` cannot be rewritten in an eigenbasis, or None."""
+    if isinstance(layer, KFEBottleneck):
+        return None if is_channel_form(layer) else "a patch-mode or bias-coordinate bottleneck"
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return f"grouped conv (groups={layer.groups})"
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return f"unsupported layer type {type(layer).__name__}"
+    if inside_mha:
+        return "inside nn.MultiheadAttention (weights used functionally)"
+    if not is_plain_layer(layer):
+        return f"{type(layer).__name__} overrides forward"
+    return None
+
+
+def _rotation_of(model: nn.Module, path: str) -> str | None:
+    """A reason when ``path`` is the ``rot_in``/``rot_out`` of a bottleneck, or None: the
+    core's eigenbasis rotates those; a basis of their own would nest bottlenecks."""
+    parent = path.rpartition(".")[0]
+    if parent and isinstance(model.get_submodule(parent), KFEBottleneck):
+        return "a rotation of a bottleneck (rotated with its core)"
+    return None
+
+
+def _rotated(layer: nn.Module, basis: KFE, name: str) -> nn.Module:
+    """``layer`` in ``basis``, after the convention ``basis``'s sizes reveal."""
+    side, s_side = basis.A.Q.shape[-1], basis.S.Q.shape[-1]
+    if isinstance(layer, KFEBottleneck) or side == layer.weight.shape[1]:
+        return build_form(in_eigenbasis(to_factored(layer), basis), "full")
+    patch = layer.weight[0].numel()
+    coordinate = layer.bias is not None and side == patch + 1
+    if (side != patch and not coordinate) or s_side != len(layer.weight):
+        raise ModelError(
+            f"layer {name!r}: eigenbasis sizes S {s_side}, A {side} fit neither channel mode "
+            f"(A {layer.weight.shape[1]}) nor patch mode (A {patch}, {patch + 1} with the bias "
+            f"coordinate) of its {len(layer.weight)} outputs: pass factors of this model"
+        )
+    return _patch_bottleneck(layer, basis, with_bias_coordinate=coordinate)
+
+
+def _patch_bottleneck(layer: nn.Module, basis: KFE, *, with_bias_coordinate: bool) -> KFEBottleneck:
+    """The exact bottleneck of a patch-mode (or Linear) eigenbasis (module docstring)."""
+    q_a, q_s = basis.A.Q.double(), basis.S.Q.double()
+    w = layer.weight.detach().double().flatten(1)  # (out, patch) in the factors' order
+    bias = _bias(layer)
+    if with_bias_coordinate:
+        w, bias = torch.cat([w, bias.unsqueeze(1)], dim=1), None
+    core = q_s.T @ w @ q_a
+    rot = q_a.T
+    in_bias = rot[:, -1] if with_bias_coordinate else None
+    rot = rot[:, : layer.weight[0].numel()]
+    like = layer.weight
+    if isinstance(layer, nn.Conv2d):
+        rot_in = conv_like(layer, layer.in_channels, len(rot), bias=in_bias is not None)
+        rot_in = load_weights(rot_in, rot.reshape(len(rot), *layer.weight.shape[1:]), in_bias, like)
+    else:
+        rot_in = pointwise(layer, rot, in_bias, like)
+    return KFEBottleneck(
+        rot_in, pointwise(layer, core, None, like), pointwise(layer, q_s, bias, like)
+    )

@@ -24,7 +24,15 @@ import torch
 from torch import nn
 
 from ..modelcall import call_model, eval_mode, model_device, to_device
-from .eigenbasis import Form, KFEBottleneck, build_form, form_params, set_submodule, to_factored
+from .eigenbasis import (
+    Form,
+    KFEBottleneck,
+    build_form,
+    form_params,
+    is_channel_form,
+    set_submodule,
+    to_factored,
+)
 
 
 def fold_for_speed(
@@ -43,7 +51,8 @@ def fold_for_speed(
     (:func:`flush_denormals`).  A form replaces
     the current one only when it is faster by more than ``margin`` (relative).  ``threads``
     sets torch's intra-op threads for the timing only.  Returns ``(model copy, {bottleneck
-    path: form})``, the form being one of ``full``, ``fold_out``, ``fold_in`` or ``dense``.
+    path: form})``, the form being one of ``full``, ``fold_out``, ``fold_in`` or ``dense``;
+    bottlenecks from patch-mode or bias-coordinate factors have no other form and stay.
     """
     new = copy.deepcopy(model)
     names = [n for n, m in new.named_modules() if isinstance(m, KFEBottleneck)]
@@ -55,9 +64,9 @@ def fold_for_speed(
             torch.set_num_threads(threads)
         with torch.no_grad(), flush_denormals():
             for name in names:
-                if name not in inputs:  # not called on this input: leave it as it is
-                    continue
                 current = new.get_submodule(name).eval()
+                if name not in inputs or not is_channel_form(current):
+                    continue  # not called on this input, or no other form: leave it as it is
                 form = _current_form(current)
                 f = to_factored(current)
                 candidates = {c: build_form(f, c).eval() for c in _distinct_forms(f) if c != form}

@@ -23,6 +23,8 @@ from ..curvature.hooks import DataPass
 from ..curvature.stability import with_damping_escalation
 from ..curvature.types import EigenvalueSource, FisherType
 from ..errors import ConfigError
+from ..measure import Counts
+from .checks import count_on, example_input
 
 Metric = Literal["params", "flops"]
 Units = Literal["directions", "channels", "weights"]
@@ -42,12 +44,14 @@ class RoundSpec:
     Exactly one of ``ratio`` (fraction of the method's units removed) and ``target`` is set;
     ``exclude`` holds every module name never pruned (blocks already expanded); ``damping``
     is resolved (never None) and ``seed`` is the round's own.  ``log`` (None: quiet) takes
-    one line per stage as it starts and ends (see :meth:`stage`).
+    one line per stage as it starts and ends (see :meth:`stage`).  Counting and tracing run
+    on ``example_inputs`` when set (a tensor, tuple or dict the model takes: token ids of
+    a language model), else on zeros of ``input_shape`` (see :meth:`example`, :meth:`count`).
     """
 
     ratio: float | None
     target: Target | None
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
     per_layer_cap: float = 0.95
     fisher: FisherType = "true"
     fisher_batches: int | None = None
@@ -59,6 +63,15 @@ class RoundSpec:
     eigenvalues: EigenvalueSource = "kfac"
     normalize: bool = False
     log: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    example_inputs: Any = field(default=None, compare=False, repr=False)
+
+    def example(self, model: nn.Module) -> Any:
+        """The round's example input on ``model``'s device (for tracing, counting)."""
+        return example_input(model, self.input_shape, self.example_inputs)
+
+    def count(self, model: nn.Module) -> Counts:
+        """Params and FLOPs of ``model`` on the round's example input."""
+        return count_on(model, self.input_shape, self.example_inputs)
 
     def stage(
         self, name: str, timings: dict[str, float], detail: str = ""
@@ -187,9 +200,19 @@ class Method(ABC):
     default_damping: float = 1e-3
     takes_normalize: bool = False
 
-    def check(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:  # noqa: B027
+    def check(  # noqa: B027
+        self, model: nn.Module, input_shape: tuple[int, ...] | None, example_inputs: Any = None
+    ) -> None:
         """Raise :class:`~eigendamage.errors.ModelError` when there is nothing in ``model``
-        this method can prune (before any run); the default accepts every model."""
+        this method can prune (before any run); the default accepts every model.
+
+        Args:
+            model: The model to be pruned.
+            input_shape: Its input shape (zeros of it are traced), or None with
+                ``example_inputs``.
+            example_inputs: What the model takes (a tensor, tuple or dict), used instead
+                of zeros of ``input_shape`` when given.
+        """
 
     def check_budget(self, budget: BudgetKind) -> None:
         """Raise :class:`ConfigError` for a budget this method does not take."""

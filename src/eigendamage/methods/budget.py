@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from torch import nn
 
 from ..errors import ConfigError
-from ..measure import count
 from .base import Target
+from .checks import count_on
 
 T = TypeVar("T")
 logger = logging.getLogger("eigendamage")
@@ -134,18 +134,20 @@ def solve_budget(
 def solve_ratio(
     build: Callable[[float], nn.Module],
     target: Target | tuple[str, float],
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None,
     *,
+    example_inputs: Any = None,
     tolerance: float = 0.01,
     max_ratio: float = 0.999,
     steps: int = 30,
 ) -> float:
     """The ratio of ``build(ratio)`` (a pruned model) that meets ``target``: the
-    eigen-direction ratio of EigenDamage, see :func:`solve_budget`."""
+    eigen-direction ratio of EigenDamage, see :func:`solve_budget`; counted on
+    ``example_inputs`` when given, else on ``input_shape``."""
     metric, goal = target
 
     def measure(r: float) -> tuple[float, None]:
-        return getattr(count(build(r), input_shape), metric), None
+        return getattr(count_on(build(r), input_shape, example_inputs), metric), None
 
     return solve_budget(
         measure,

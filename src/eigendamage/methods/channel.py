@@ -275,11 +275,13 @@ class ChannelMethod(DampedMethod):
         doc = (type(get_criterion(criterion)).__doc__ or "").strip().splitlines()
         self.description = CHANNEL_NOTES.get(criterion) or f"channels: {doc[0] if doc else ''}"
 
-    def check(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-        """Some channel group besides the output layer's can be pruned."""
+    def check(
+        self, model: nn.Module, input_shape: tuple[int, ...] | None, example_inputs: Any = None
+    ) -> None:
+        """Some channel group besides the output layer's can be pruned (traced on
+        ``example_inputs`` when given, else on zeros of ``input_shape``)."""
         output = classifier_name(model)
-        ref = next(model.parameters(), torch.zeros(()))
-        example = torch.zeros(input_shape, dtype=ref.dtype, device=ref.device)
+        example = example_input(model, input_shape, example_inputs)
         groups = ChannelGroups.build(model, example, [output] if output else [])
         if not len(groups):
             why = "; ".join(f"{g}: {r}" for g, r in groups.skipped.items())
@@ -292,7 +294,7 @@ class ChannelMethod(DampedMethod):
         self, model: nn.Module, loader: Iterable, spec: RoundSpec
     ) -> tuple[nn.Module, RoundInfo]:
         """One :func:`channel_prune` at the round's budget, as a fraction of this model."""
-        example = example_input(model, spec.input_shape)
+        example = spec.example(model)
         target = spec.target
         target_params = target_flops = None
         if target is not None:  # the round's absolute target as a fraction of this model

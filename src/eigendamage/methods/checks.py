@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,6 +19,8 @@ from torch import nn
 from ..criteria.amounts import check_fraction, one_budget
 from ..curvature.types import EIGENVALUE_SOURCES, FISHER_TYPES, EigenvalueSource, FisherType
 from ..errors import ConfigError, ModelError
+from ..measure import Counts, count
+from ..modelcall import batch_inputs, model_device, to_device
 from ..structure.ties import tied_layers
 
 
@@ -151,14 +153,38 @@ def nothing_removed(
     )
 
 
-def infer_input_shape(loader: Iterable) -> tuple[int, ...]:
-    """``(1, *shape of one example)`` from the loader's first batch."""
+def infer_inputs(loader: Iterable) -> tuple[tuple[int, ...] | None, Any]:
+    """What counting and tracing run on, from the loader's first batch.
+
+    Returns ``(input_shape, None)`` for a floating-point tensor (zeros of ``(1, *shape of one
+    example)``, as always), else ``(None, example)``: the first example as the loader gives
+    it -- token ids keep their integer dtype, a mapping of keyword inputs loses ``"labels"``.
+
+    Raises:
+        ConfigError: the loader is empty or its inputs are neither tensors nor mappings.
+    """
     for batch in loader:
-        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if isinstance(inputs, torch.Tensor):
-            return (1, *inputs.shape[1:])
+        inputs = batch_inputs(batch)
+        if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+            return (1, *inputs.shape[1:]), None
+        if isinstance(inputs, torch.Tensor | Mapping) and len(inputs):
+            return None, _first_example(inputs)
         break
-    raise ConfigError("cannot infer the input shape from the loader: pass input_shape")
+    raise ConfigError(
+        "cannot infer the input shape from the loader: pass input_shape, or example_inputs "
+        "(a tensor, tuple or dict the model takes)"
+    )
+
+
+def _first_example(inputs: Any) -> Any:
+    """``inputs`` cut to their first example along the batch dimension."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1] if inputs.dim() else inputs
+    if isinstance(inputs, Mapping):
+        return {k: _first_example(v) for k, v in inputs.items()}
+    if isinstance(inputs, list | tuple):
+        return type(inputs)(_first_example(v) for v in inputs)
+    return inputs
 
 
 def is_plain_conv_or_linear(module: nn.Module) -> bool:
@@ -183,9 +209,25 @@ def no_plain_layer(model: nn.Module, method: str, output: str | None) -> ModelEr
     )
 
 
-def example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """Zeros of ``input_shape`` on the model's device, in its dtype (for tracing, counting)."""
+def example_input(
+    model: nn.Module, input_shape: tuple[int, ...] | None, example_inputs: Any = None
+) -> Any:
+    """What tracing runs on: the user's ``example_inputs`` (as given: a tensor, a tuple of
+    positional or a dict of keyword inputs) on the model's device, else zeros of
+    ``input_shape`` on its device, in its dtype."""
     ref = next(model.parameters(), None)
     if ref is None:
         raise ModelError(f"{type(model).__name__} has no parameters: there is nothing to prune")
+    if example_inputs is not None:
+        return to_device(example_inputs, ref.device)
     return torch.zeros(input_shape, device=ref.device, dtype=ref.dtype)
+
+
+def count_on(
+    model: nn.Module, input_shape: tuple[int, ...] | None, example_inputs: Any = None
+) -> Counts:
+    """:func:`~eigendamage.measure.count` on the user's ``example_inputs`` when given (moved
+    to the model's device), else on ``input_shape``."""
+    if example_inputs is None:
+        return count(model, input_shape)
+    return count(model, example_inputs=to_device(example_inputs, model_device(model)))

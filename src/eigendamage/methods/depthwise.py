@@ -27,7 +27,6 @@ from ..criteria.eigendamage import (
     plan_pruning,
 )
 from ..errors import ConfigError
-from ..measure import count
 from ..surgery.depthwise import (
     CP_ITERATIONS,
     CPDecomposition,
@@ -140,7 +139,7 @@ class DepthwiseEigenDamage(EigenDamage):
                 model, rotated, scores, plan, per_layer_cap=cap, iterations=self.cp_iterations,
                 seed=spec.seed,
             )  # fmt: skip
-        counts = count(pruned, spec.input_shape)
+        counts = spec.count(pruned)
         forms = {n: "depthwise" if n in cp_errors else lp.form for n, lp in plan.layers.items()}
         detail = EigenDetail.of(plan, cp_error=cp_errors, forms=forms)
         return pruned, RoundInfo(0, ratio, counts.params, counts.flops, timings, detail)
@@ -162,11 +161,14 @@ class DepthwiseEigenDamage(EigenDamage):
                 model, rotated, scores, plan, per_layer_cap=spec.per_layer_cap, iterations=None
             )[0]
 
-        ceiling = getattr(count(shapes_at(0.0), spec.input_shape), metric)
+        ceiling = getattr(spec.count(shapes_at(0.0)), metric)
         if ceiling < goal * (1 - TOLERANCE):
             raise ConfigError(
                 f"target {metric} {goal:,.0f} is unreachable for eigendamage-dw: the depthwise "
                 f"form alone, without pruning, leaves {ceiling:,.0f}; use a smaller target, "
                 "a ratio, or eigendamage"
             )
-        return solve_ratio(shapes_at, spec.target, spec.input_shape, tolerance=TOLERANCE)
+        return solve_ratio(
+            shapes_at, spec.target, spec.input_shape, example_inputs=spec.example_inputs,
+            tolerance=TOLERANCE,
+        )  # fmt: skip

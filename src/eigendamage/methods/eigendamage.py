@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -25,7 +26,6 @@ from ..criteria.eigendamage import (
 from ..curvature.ekfac import kfe_diagonal
 from ..curvature.stability import stable_eigendecompose
 from ..errors import ModelError
-from ..measure import count
 from ..surgery.eigenbasis import Factored, Form
 from .base import Method, RoundDetail, RoundInfo, RoundSpec
 from .budget import solve_ratio
@@ -117,7 +117,9 @@ class EigenDamage(Method):
     units = "directions"
     default_damping = 0.0
 
-    def check(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    def check(
+        self, model: nn.Module, input_shape: tuple[int, ...] | None, example_inputs: Any = None
+    ) -> None:
         """Some Linear/Conv2d layer besides the output layer is a target."""
         output = classifier_name(model)
         if not eigendamage_targets(model, {output} if output else set()):
@@ -136,9 +138,12 @@ class EigenDamage(Method):
         ratio = spec.ratio
         with spec.stage("surgery", timings):
             if spec.target is not None:
-                ratio = solve_ratio(lambda r: build_with(r)[0], spec.target, spec.input_shape)
+                ratio = solve_ratio(
+                    lambda r: build_with(r)[0], spec.target, spec.input_shape,
+                    example_inputs=spec.example_inputs,
+                )  # fmt: skip
             pruned, plan = build_with(ratio)
-        counts = count(pruned, spec.input_shape)
+        counts = spec.count(pruned)
         target = spec.target
         detail = EigenDetail.of(
             plan,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,14 +22,16 @@ from torch import nn
 from ..criteria.amounts import one_budget
 from ..criteria.eigendamage import classifier_name
 from ..curvature.types import EigenvalueSource, FisherType
-from ..measure import Counts, count
+from ..errors import ConfigError
+from ..measure import Counts
 from .base import Method, Metric, RoundInfo, RoundSpec, Target
 from .checks import (
     check_arguments,
     check_model,
+    count_on,
     excluded_roots,
     expand_excluded,
-    infer_input_shape,
+    infer_inputs,
     match_modes,
     nothing_removed,
     tie_note,
@@ -88,6 +91,7 @@ def run_pruning(
     before_round: Callable[[int], None] | None = None,
     eigenvalues: EigenvalueSource = "kfac",
     normalize: bool = False,
+    example_inputs: Any = None,
 ) -> PruneResult:
     """Prune with ``method`` over ``rounds`` rounds; ``model`` itself is not modified.
 
@@ -119,6 +123,13 @@ def run_pruning(
     criteria only) divides each layer's scores by their sum before the global ranking.
     ``method`` is a name of :func:`~.registry.available_methods` or a :class:`~.base.Method`
     (see :func:`~.registry.register_method`); an unknown name is a :class:`ConfigError`.
+
+    Inputs: params and FLOPs are counted (and channel groups traced) on ``example_inputs``
+    as given -- a tensor, a tuple of positional or a dict of keyword inputs, e.g.
+    ``{"input_ids": ids[:1]}`` for a Hugging Face model -- or on zeros of ``input_shape``
+    (with the batch dimension, e.g. ``(1, 3, 32, 32)``).  Without either, both come from
+    the loader's first batch: its shape for float tensors, else its first example (token
+    ids keep their dtype; a dict batch loses ``"labels"``).
     """
     method = method if isinstance(method, Method) else get_method(method)
     check_arguments(
@@ -143,8 +154,11 @@ def run_pruning(
     note = tie_note(model, expand_excluded(model, roots))
     if note:
         say(note)
-    input_shape = input_shape or infer_input_shape(loader)
-    before = reference or count(model, input_shape)
+    if input_shape is not None and example_inputs is not None:
+        raise ConfigError("run_pruning: give input_shape or example_inputs, not both")
+    if input_shape is None and example_inputs is None:
+        input_shape, example_inputs = infer_inputs(loader)
+    before = reference or count_on(model, input_shape, example_inputs)
     current = copy.deepcopy(model)
     infos: list[RoundInfo] = []
     for r in range(start_round, rounds + 1):
@@ -155,7 +169,8 @@ def run_pruning(
             target = Target("flops", before.flops * target_flops ** (r / rounds))
         if (
             target is not None
-            and getattr(count(current, input_shape), target.metric) <= target.count
+            and getattr(count_on(current, input_shape, example_inputs), target.metric)
+            <= target.count
         ):
             say(f"round {r}/{rounds}: already within its {target.metric} target; skipped")
             continue
@@ -169,6 +184,7 @@ def run_pruning(
             ratio=ratio,
             target=target,
             input_shape=input_shape,
+            example_inputs=example_inputs,
             per_layer_cap=per_layer_cap,
             fisher=fisher,
             fisher_batches=fisher_batches,
@@ -205,7 +221,7 @@ def run_pruning(
         infos.append(info)
         if on_round is not None:
             on_round(current, info)
-    return PruneResult(current, before, count(current, input_shape), infos)
+    return PruneResult(current, before, count_on(current, input_shape, example_inputs), infos)
 
 
 def prune_round(
@@ -215,7 +231,7 @@ def prune_round(
     method: str | Method,
     ratio: float | None,
     target: Target | tuple[Metric, float] | None,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None,
     per_layer_cap: float = 0.95,
     fisher: FisherType = "true",
     fisher_batches: int | None = None,
@@ -227,6 +243,7 @@ def prune_round(
     eigenvalues: EigenvalueSource = "kfac",
     normalize: bool = False,
     log: Callable[[str], None] | None = None,
+    example_inputs: Any = None,
 ) -> tuple[nn.Module, RoundInfo]:
     """One round of ``method`` on a copy of ``model``: :meth:`Method.round` with its
     :class:`RoundSpec` built from named settings, as :func:`run_pruning` runs each round.
@@ -234,7 +251,8 @@ def prune_round(
     ``target`` is ``(metric, absolute count)``; ``exclude`` names every module never pruned
     (no block expansion, no output layer added); ``damping=None`` is the method's default.
     The settings are not checked beyond what the method checks itself.  ``log`` takes a
-    line as each stage of the round starts and ends (None: quiet).
+    line as each stage of the round starts and ends (None: quiet).  ``example_inputs``
+    (what the model takes) replaces zeros of ``input_shape`` for counting and tracing.
     """
     method = method if isinstance(method, Method) else get_method(method)
     spec = RoundSpec(
@@ -252,6 +270,7 @@ def prune_round(
         eigenvalues=eigenvalues,
         normalize=normalize,
         log=log,
+        example_inputs=example_inputs,
     )
     return method.round(model, loader, spec)
 

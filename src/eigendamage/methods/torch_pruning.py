@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError, unknown_name
-from ..measure import count
-from ..modelcall import eval_mode, logits_of
+from ..modelcall import call_model, eval_mode, logits_of
 from ..structure.groups import trace_forward
 from ..structure.ties import tied_layers
 from .base import Method, RoundDetail, RoundInfo, RoundSpec, Target, batches_read, stage
 from .budget import Scale, solve_budget
-from .checks import example_input, match_modes
+from .checks import count_on, example_input, match_modes
 from .tp_gradients import DEFAULT_BATCHES, GRADIENT_METHODS, gradients
 
 # name: (TP importance class, its arguments, the note `eigendamage methods` prints)
@@ -113,7 +112,7 @@ def _trial(
     method: str,
     ratio: float,
     *,
-    example: torch.Tensor,
+    example: Any,
     ignored: list[str],
     global_pruning: bool,
     grads: dict[str, torch.Tensor] | None = None,
@@ -181,7 +180,7 @@ def tp_round(
     method: str,
     ratio: float | None,
     target: Target | None,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None,
     per_layer_cap: float,
     exclude: Iterable[str],
     seed: int,
@@ -189,6 +188,7 @@ def tp_round(
     fisher_batches: int | None = None,
     global_pruning: bool = True,
     log: Callable[[str], None] | None = None,
+    example_inputs: Any = None,
 ) -> tuple[nn.Module, RoundInfo]:
     """One round of a ``tp-*`` method on a copy of ``model`` (untouched).
 
@@ -197,7 +197,8 @@ def tp_round(
     ``(metric, absolute count)``.  ``fisher_batches`` is the number of batches for
     Taylor/Hessian gradients (default 10); the curvature settings of the other methods
     (``fisher``, ``fisher_samples``, ``damping``) do not apply.  ``log`` (None: quiet)
-    takes a line as each stage starts and ends.
+    takes a line as each stage starts and ends.  Tracing and counting run on
+    ``example_inputs`` when given (a tensor, tuple or dict), else on zeros of ``input_shape``.
     """
     import torch_pruning as tp
 
@@ -210,7 +211,7 @@ def tp_round(
         with stage(log, "gradients", seconds, batches_read(loader, batches)):
             grads = gradients(model, loader, squared=squared, batches=batches, device=device)
     with stage(log, "search", seconds, "(Torch-Pruning pruners until the budget is met)"):
-        example = example_input(model, input_shape)
+        example = example_input(model, input_shape, example_inputs)
         ignored = sorted(set(exclude) | set(tied_layers(model)))
 
         trial = partial(
@@ -241,7 +242,7 @@ def tp_round(
 
             def measure(r: float) -> tuple[float, _Trial]:
                 t = replay(r)
-                return getattr(count(t.model, input_shape), metric), t
+                return getattr(count_on(t.model, input_shape, example_inputs), metric), t
 
             resolution = 0.5 / units if global_pruning else 1e-4
             result = solve_budget(
@@ -256,7 +257,7 @@ def tp_round(
                 ),
             ).made
     pruned = _finish(result.model, model, example)
-    counts = count(pruned, input_shape)
+    counts = count_on(pruned, input_shape, example_inputs)
     detail = TPDetail(
         target_reached=getattr(counts, target[0]) / target[1] if target else None,
         removed_units=result.removed,
@@ -272,16 +273,24 @@ def tp_round(
     return pruned, RoundInfo(0, achieved, counts.params, counts.flops, seconds, detail)
 
 
-def _finish(pruned: nn.Module, source: nn.Module, example: torch.Tensor) -> nn.Module:
+def _finish(pruned: nn.Module, source: nn.Module, example: Any) -> nn.Module:
     """Drop the gradients TP carried along, restore the source's ``requires_grad`` and
-    train/eval flags, and check the output still has the source's shape."""
+    train/eval flags, and check the pruned model still runs, with the source's output shape."""
     flags = {n: p.requires_grad for n, p in source.named_parameters()}
     for name, p in pruned.named_parameters():
         p.grad = None
         p.requires_grad_(flags.get(name, True))
     match_modes(pruned, source)
     with torch.no_grad(), eval_mode(pruned), eval_mode(source):
-        before, after = logits_of(source(example)), logits_of(pruned(example))
+        before = call_model(source, example)
+        try:
+            after = call_model(pruned, example)
+        except RuntimeError as e:
+            raise ModelError(
+                f"Torch-Pruning left {type(source).__name__} unable to run ({e}): its pruner "
+                "cut layers whose sizes the forward relies on (e.g. attention heads); pass "
+                "those blocks in exclude=, or use a channel method such as l1 or eigendamage"
+            ) from e
     if before.shape != after.shape:
         raise ModelError(
             f"Torch-Pruning changed the output shape {tuple(before.shape)} -> "
@@ -329,4 +338,5 @@ class TorchPruning(Method):
             fisher_batches=spec.fisher_batches,
             global_pruning=self.global_pruning,
             log=spec.log,
+            example_inputs=spec.example_inputs,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from ..layers import is_plain_layer
 from ..measure import count
 from ..structure.ties import tied_layers
 from .base import DampedMethod, RoundDetail, RoundInfo, RoundSpec
-from .checks import example_input, is_plain_conv_or_linear, no_plain_layer
+from .checks import is_plain_conv_or_linear, no_plain_layer
 
 WEIGHT_NOTES = {
     "obd": "weights: OBD under K-FAC (zeroed, shapes kept)",
@@ -64,7 +64,9 @@ class WeightLevel(DampedMethod):
         self.name = name
         self.description = WEIGHT_NOTES.get(name, "")
 
-    def check(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    def check(
+        self, model: nn.Module, input_shape: tuple[int, ...] | None, example_inputs: Any = None
+    ) -> None:
         """Some Linear/Conv2d layer besides the output layer."""
         output = classifier_name(model)
         if not any(is_plain_conv_or_linear(m) and n != output for n, m in model.named_modules()):
@@ -79,7 +81,7 @@ class WeightLevel(DampedMethod):
         self, model: nn.Module, loader: Iterable, spec: RoundSpec
     ) -> tuple[nn.Module, RoundInfo]:
         """Zero the round's share of the standing weights (see :class:`WeightLevel`)."""
-        example = example_input(model, spec.input_shape)
+        example = spec.example(model)
         seconds: dict[str, float] = {}
         layers = self._layers(model, spec.exclude)
         weights = [model.get_submodule(n).weight for n in layers]

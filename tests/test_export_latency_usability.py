@@ -168,3 +168,23 @@ def test_table_piped_to_a_file_keeps_its_full_width(capsys, monkeypatch):
     for key, value in rows[0].items():
         assert key in text and value in text
     assert "…" not in text
+
+
+def test_fold_leaves_bottlenecks_of_default_factors_alone() -> None:
+    """``to_eigenbasis`` on default (patch-mode, bias) factors makes bottlenecks with a single
+    form: folding for export keeps them and still folds nothing else."""
+    import eigendamage as ed
+    from eigendamage.export import fold_for_export
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 5),
+    )  # fmt: skip
+    loader = [(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))) for _ in range(2)]
+    rotated = ed.to_eigenbasis(model, ed.eigendecompose(ed.collect_kfac(model, loader)))
+    for how in ("params", "none"):
+        folded = fold_for_export(rotated, how)
+        assert folded.forms == {} and folded.changed == {}
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(folded.model(x), model(x), rtol=1e-4, atol=1e-5)

@@ -35,6 +35,7 @@ from .surgery.eigenbasis import (
     KFEBottleneck,
     build_form,
     form_params,
+    is_channel_form,
     set_submodule,
     to_factored,
 )
@@ -271,8 +272,14 @@ def _possible(f: Factored) -> list[Form]:
 
 
 def _forms_of(model: nn.Module) -> dict[str, Form]:
-    names = [n for n, m in model.named_modules() if isinstance(m, KFEBottleneck)]
+    names = [n for n, m in model.named_modules() if _foldable(m)]
     return {name: _form_at(model, name) for name in names}
+
+
+def _foldable(module: nn.Module) -> bool:
+    """A bottleneck with forms to choose from: patch-mode and bias-coordinate ones (from
+    ``to_eigenbasis`` on default factors) have only the one they are in."""
+    return isinstance(module, KFEBottleneck) and is_channel_form(module)
 
 
 def _form_at(model: nn.Module, name: str) -> Form:
@@ -283,7 +290,7 @@ def _form_at(model: nn.Module, name: str) -> Form:
 def _smallest_forms(model: nn.Module) -> dict[str, Form]:
     chosen: dict[str, Form] = {}
     for name, module in model.named_modules():
-        if isinstance(module, KFEBottleneck):
+        if _foldable(module):
             f = to_factored(module)
             current = _form(f)
             best = min(_possible(f), key=lambda form: form_params(f, form))

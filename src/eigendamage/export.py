@@ -28,17 +28,7 @@ from torch import nn
 from .errors import ConfigError, ModelError
 from .io.atomic import _atomic_target
 from .modelcall import eval_mode, logits_of
-from .surgery.eigenbasis import (
-    FORMS,
-    Factored,
-    Form,
-    KFEBottleneck,
-    build_form,
-    form_params,
-    is_channel_form,
-    set_submodule,
-    to_factored,
-)
+from .surgery import eigenbasis
 
 FORMATS = ("onnx", "pt2")
 SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
@@ -197,8 +187,8 @@ class Folded:
     """
 
     model: nn.Module
-    forms: dict[str, Form]
-    changed: dict[str, tuple[Form, Form]]
+    forms: dict[str, eigenbasis.Form]
+    changed: dict[str, tuple[eigenbasis.Form, eigenbasis.Form]]
     params_before: int
     params_after: int
 
@@ -257,21 +247,21 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _form(f: Factored) -> Form:
+def _form(f: eigenbasis.Factored) -> eigenbasis.Form:
     """The form ``f`` is in: which rotations it still has."""
     return {(True, True): "full", (True, False): "fold_out", (False, True): "fold_in"}.get(
         (f.p_in is not None, f.p_out is not None), "dense"
     )
 
 
-def _possible(f: Factored) -> list[Form]:
+def _possible(f: eigenbasis.Factored) -> list[eigenbasis.Form]:
     """The forms ``f`` can be built in: folding is one-way, a folded rotation is gone."""
     have_in, have_out = f.p_in is not None, f.p_out is not None
     ok = {"full": have_in and have_out, "fold_out": have_in, "fold_in": have_out, "dense": True}
-    return [form for form in FORMS if ok[form]]
+    return [form for form in eigenbasis.FORMS if ok[form]]
 
 
-def _forms_of(model: nn.Module) -> dict[str, Form]:
+def _forms_of(model: nn.Module) -> dict[str, eigenbasis.Form]:
     names = [n for n, m in model.named_modules() if _foldable(m)]
     return {name: _form_at(model, name) for name in names}
 
@@ -279,22 +269,26 @@ def _forms_of(model: nn.Module) -> dict[str, Form]:
 def _foldable(module: nn.Module) -> bool:
     """A bottleneck with forms to choose from: patch-mode and bias-coordinate ones (from
     ``to_eigenbasis`` on default factors) have only the one they are in."""
-    return isinstance(module, KFEBottleneck) and is_channel_form(module)
+    return isinstance(module, eigenbasis.KFEBottleneck) and eigenbasis.is_channel_form(module)
 
 
-def _form_at(model: nn.Module, name: str) -> Form:
+def _form_at(model: nn.Module, name: str) -> eigenbasis.Form:
     module = model.get_submodule(name)
-    return _form(to_factored(module)) if isinstance(module, KFEBottleneck) else "dense"
+    return (
+        _form(eigenbasis.to_factored(module))
+        if isinstance(module, eigenbasis.KFEBottleneck)
+        else "dense"
+    )
 
 
-def _smallest_forms(model: nn.Module) -> dict[str, Form]:
-    chosen: dict[str, Form] = {}
+def _smallest_forms(model: nn.Module) -> dict[str, eigenbasis.Form]:
+    chosen: dict[str, eigenbasis.Form] = {}
     for name, module in model.named_modules():
         if _foldable(module):
-            f = to_factored(module)
+            f = eigenbasis.to_factored(module)
             current = _form(f)
-            best = min(_possible(f), key=lambda form: form_params(f, form))
-            if form_params(f, best) < form_params(f, current):
+            best = min(_possible(f), key=lambda form: eigenbasis.form_params(f, form))
+            if eigenbasis.form_params(f, best) < eigenbasis.form_params(f, current):
                 chosen[name] = best
     return chosen
 
@@ -307,7 +301,7 @@ def _apply_forms(model: nn.Module, forms: Mapping[str, str]) -> nn.Module:
             module = new.get_submodule(name)
         except AttributeError:
             raise ConfigError(f"fold: the model has no layer {name!r}") from None
-        f = to_factored(module) if isinstance(module, KFEBottleneck) else None
+        f = eigenbasis.to_factored(module) if isinstance(module, eigenbasis.KFEBottleneck) else None
         possible = _possible(f) if f is not None else ["dense"]
         if form not in possible:
             raise ConfigError(
@@ -315,5 +309,7 @@ def _apply_forms(model: nn.Module, forms: Mapping[str, str]) -> nn.Module:
                 "give the forms recorded for this model"
             )
         if f is not None and form != _form(f):
-            set_submodule(new, name, build_form(f, form).train(module.training))
+            eigenbasis.set_submodule(
+                new, name, eigenbasis.build_form(f, form).train(module.training)
+            )
     return new

@@ -242,3 +242,32 @@ def test_recalibrate_bn_keeps_dropout_off() -> None:
     first = model[1].running_mean.clone()
     recalibrate_bn(model, loader)
     assert torch.equal(first, model[1].running_mean)  # deterministic: no dropout noise
+
+
+def test_reseed_loader_reaches_the_augmentation_through_a_subset() -> None:
+    """A pass after ``reseed_loader`` is a function of the seed alone, also when the
+    augmented dataset is wrapped (``Subset``): its draws must not carry over."""
+    from torch.utils.data import DataLoader, Dataset, Subset
+
+    from eigendamage.train import reseed_loader
+
+    class Augmented(Dataset):
+        def __init__(self) -> None:
+            self.gen = torch.Generator().manual_seed(0)
+
+        def reseed(self, seed: int) -> None:
+            self.gen.manual_seed(seed)
+
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int):
+            return torch.full((2,), float(i)) + torch.rand(2, generator=self.gen), i
+
+    loader = DataLoader(Subset(Augmented(), range(6)), batch_size=3, shuffle=True,
+                        generator=torch.Generator())  # fmt: skip
+    passes = []
+    for _ in range(2):
+        reseed_loader(loader, 5)
+        passes.append(torch.cat([x for x, _ in loader]))
+    assert torch.equal(passes[0], passes[1])

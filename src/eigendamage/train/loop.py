@@ -67,7 +67,13 @@ def reseed_loader(loader: Any, seed: int) -> None:
         if isinstance(gen, torch.Generator) and id(gen) not in seen:
             gen.manual_seed(seed)
             seen.add(id(gen))
+    # Through wrappers such as ``torch.utils.data.Subset`` to the augmented dataset: its
+    # augmentation draws would otherwise carry over from pass to pass.
     dataset = getattr(loader, "dataset", None)
+    for _ in range(16):  # a wrapper chain, bounded
+        if dataset is None or hasattr(dataset, "reseed"):
+            break
+        dataset = getattr(dataset, "dataset", None)
     if hasattr(dataset, "reseed"):
         dataset.reseed(seed + 1)
 

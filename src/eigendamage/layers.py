@@ -17,6 +17,7 @@ target: the model registry turns it into ``nn.Linear`` at build time
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -36,7 +37,7 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class LayerAdapter:
+class LayerAdapter(ABC):
     """The interface, with the rules of a layer whose features are last (Linear-like): every
     leading position (token, pixel) is one row.  Adapters override what differs."""
 
@@ -44,13 +45,13 @@ class LayerAdapter:
     curvature = True  # K-FAC, scoring and surgery handle it in place
     units = ("in_features", "out_features")  # the module's attributes: (in, out) units
 
+    @abstractmethod
     def matches(self, module: nn.Module) -> bool:
         """True for the modules of this kind."""
-        raise NotImplementedError
 
+    @abstractmethod
     def computes_plain(self, module: nn.Module) -> bool:
         """True when the module's forward is exactly the plain layer's."""
-        raise NotImplementedError
 
     def matrix(self, module: nn.Module) -> torch.Tensor:
         """The weight as an ``(out, in)`` matrix (a conv's kernel offsets in ``in``)."""

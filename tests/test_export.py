@@ -20,14 +20,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pruned(name: str, shape: tuple[int, ...], method: str = "eigendamage", **kwargs):
     torch.manual_seed(0)
     model = create_model(name, **kwargs)

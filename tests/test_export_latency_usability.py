@@ -29,14 +29,6 @@ pytest.importorskip("onnxscript")
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A pruned digits-vgg with bottlenecks in their smallest forms, and its model directory."""

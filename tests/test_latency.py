@@ -19,14 +19,6 @@ from eigendamage.surgery.eigenbasis import KFEBottleneck
 from eigendamage.surgery.fold import fold_for_speed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)

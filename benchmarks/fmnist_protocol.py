@@ -69,17 +69,25 @@ def load_protocol(path: Path) -> dict[str, Any]:
 
 def cells(cfg: dict[str, Any]) -> Iterator[tuple[str, int, str, float, str]]:
     """Every cell, seed by seed: after the first seed all methods have a first result.
-    The ablation's variants follow the main cells of their (seed, model, mode)."""
+    The ablation's variants follow the main cells of their (seed, model, mode), first seed
+    only.  ``later_seeds`` (model -> mode -> methods) narrows the seeds after the first to
+    the methods whose spread the reading needs: the CPU budget."""
     ablation = cfg.get("ablation", {})
     for seed in cfg["seeds"]:
+        first = seed == cfg["seeds"][0]
         for model in cfg["models"]:
             for mode in cfg["modes"]:
                 default = cfg["methods"] if mode == "one-pass" else cfg["iterative"]["methods"]
                 methods = cfg.get("methods_by_model", {}).get(model, {}).get(mode, default)
+                if not first and "later_seeds" in cfg:
+                    methods = cfg["later_seeds"].get(model, {}).get(mode, [])
                 for kept in cfg["flops_kept"]:
                     for method in methods:
                         yield model, seed, mode, kept, method
-                if model in ablation.get("models", ()) and mode in ablation.get("modes", ()):
+                in_ablation = model in ablation.get("models", ()) and mode in ablation.get(
+                    "modes", ()
+                )
+                if in_ablation and first:
                     for kept in ablation["flops_kept"]:
                         for variant in ablation["variants"]:
                             yield model, seed, mode, kept, variant

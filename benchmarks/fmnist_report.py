@@ -146,6 +146,62 @@ def table(groups: dict[tuple, list[dict]], expected: dict[tuple, int], model: st
     return lines
 
 
+def _paired(ed: list[dict], other: list[dict], stage: str) -> list[float]:
+    """Per-seed accuracy differences (points), EigenDamage minus ``other``, over the seeds
+    both finished: the same trained model and batches, so the seed noise cancels."""
+    mine = {r["seed"]: r[stage]["test_acc"] for r in ed if r.get(stage)}
+    return [100 * (mine[r["seed"]] - r[stage]["test_acc"])
+            for r in other if r.get(stage) and r["seed"] in mine]  # fmt: skip
+
+
+def verdict(diffs: list[float]) -> str:
+    """Ahead / behind when every seed's difference has the same sign and the mean is at
+    least half a point; level otherwise (the rule the reading uses)."""
+    if not diffs:
+        return "–"
+    mean = statistics.fmean(diffs)
+    if all(d > 0 for d in diffs) and mean >= 0.5:
+        return "ahead"
+    if all(d < 0 for d in diffs) and mean <= -0.5:
+        return "behind"
+    return "level"
+
+
+def verdicts(groups: dict[tuple, list[dict]], model: str, mode: str, stage: str) -> list[str]:
+    """EigenDamage against every other method, per budget: the paired difference at
+    ``stage`` (mean ± std over common seeds) and its verdict; Torch-Pruning's best marked."""
+    lines = ["| FLOPs kept | seeds | ahead of | level with | behind | best Torch-Pruning |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for kept in sorted({g[2] for g in groups if g[:2] == (model, mode)}, reverse=True):
+        ed = [r for r in groups.get((model, mode, kept, "eigendamage"), []) if "error" not in r]
+        if not ed:
+            continue
+        sides: dict[str, list[str]] = {"ahead": [], "level": [], "behind": []}
+        best_tp: tuple[float, str] | None = None
+        for (m, md, k, name), recs in sorted(groups.items()):
+            if (m, md, k) != (model, mode, kept) or name == "eigendamage" or name in VARIANTS:
+                continue
+            diffs = _paired(ed, [r for r in recs if "error" not in r], stage)
+            if not diffs:
+                continue
+            side = verdict(diffs)
+            sides[side].append(f"{name} {_signed(diffs)} ({len(diffs)})")
+            theirs = [r[stage]["test_acc"] for r in recs if r.get(stage)]
+            if name.startswith("tp-") and (
+                best_tp is None or statistics.fmean(theirs) > best_tp[0]
+            ):
+                best_tp = (statistics.fmean(theirs), f"{name}: {side}")
+        lines.append(f"| {kept:g} | {len(ed)} | {', '.join(sides['ahead']) or '–'} | "
+                     f"{', '.join(sides['level']) or '–'} | {', '.join(sides['behind']) or '–'} | "
+                     f"{best_tp[1] if best_tp else '–'} |")  # fmt: skip
+    return lines
+
+
+def _signed(diffs: list[float]) -> str:
+    mean = statistics.fmean(diffs)
+    return f"{mean:+.1f}" + (f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "")
+
+
 def _delta_loss(records: list[dict]) -> str:
     """Predicted / measured loss increase (measured before / after BN recalibration)."""
 
@@ -197,6 +253,59 @@ def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> 
     plt.close(fig)
 
 
+def _ft_label(cfg: dict[str, Any], mode: str) -> str:
+    settings = cfg["iterative"] if mode == "iterative" else cfg["one_pass"]
+    return f"{settings['finetune']['epochs']} fine-tuning epochs"
+
+
+def cost_plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> None:
+    """Accuracy after fine-tuning against what a user pays: params kept and measured
+    batch-64 latency (one thread), one point per (method, budget) with seed error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    methods = sorted({g[3] for g in groups if g[:2] == (model, mode) and g[3] not in VARIANTS})
+    colors = plt.get_cmap("tab20")(range(20))
+    xs = (("params_kept", "params kept (fraction, log)"),
+          ("latency_b64", "latency at batch 64, one thread (ms)"))  # fmt: skip
+    for ax, (key, label) in zip(axes, xs, strict=True):
+        for i, method in enumerate(methods):
+            pts = []
+            for (m, md, _k, name), recs in groups.items():
+                ok = [r for r in recs if "error" not in r and r.get("finetune_n")]
+                if (m, md, name) != (model, mode, method) or not ok:
+                    continue
+                x = [r["params_kept"] if key == "params_kept" else r["latency_ms"]["b64"]
+                     for r in ok]  # fmt: skip
+                y = [r["finetune_n"]["test_acc"] * 100 for r in ok]
+                sd = statistics.stdev(y) if len(y) > 1 else 0.0
+                pts.append((statistics.fmean(x), statistics.fmean(y), sd))
+            if not pts:
+                continue
+            pts.sort()
+            bold = method == "eigendamage"
+            ax.errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=2,
+                label=method, color="black" if bold else colors[i % 20], lw=2.5 if bold else 1,
+                marker="os^vD<>ph*"[i % 10], ms=4,
+            )  # fmt: skip
+        if key == "params_kept":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy after fine-tuning (%)")
+    axes[0].set_title(f"{model}, {mode}: accuracy against parameters", fontsize=9)
+    axes[1].set_title(f"{model}, {mode}: accuracy against measured latency", fontsize=9)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "benchmarks/configs/fmnist_cpu.json")
@@ -216,7 +325,17 @@ def main() -> None:
                 continue
             image = f"{model}_{mode}.png"
             plot(groups, model, mode, args.out / image)
-            lines += ["", f"## {model}, {mode}", "", f"![{model} {mode}]({image})", "", *rows]
+            cost = f"{model}_{mode}_cost.png"
+            cost_plot(groups, model, mode, args.out / cost)
+            lines += ["", f"## {model}, {mode}", "", f"![{model} {mode}]({image})", "", *rows,
+                      "", "EigenDamage against each method: paired per-seed difference in "
+                      "points (mean ± std, seeds); ahead/behind when every seed agrees in sign "
+                      "and the mean is at least 0.5.", "",
+                      "Right after pruning (BN recalibrated, no weight update):", "",
+                      *verdicts(groups, model, mode, "pruned"), "",
+                      f"After {_ft_label(cfg, mode)}:", "",
+                      *verdicts(groups, model, mode, "finetune_n"), "",
+                      f"![{model} {mode}, cost]({cost})"]  # fmt: skip
     if VARIANTS:
         lines += ["", "## Ablation: what changes EigenDamage's accuracy", "",
                   *ablation(cfg, groups, expected)]  # fmt: skip

@@ -93,6 +93,50 @@ def test_report_counts_finished_seeds_and_plots(protocol, tmp_path, monkeypatch)
     assert len(rows) == 3 and "| l1 | 1/2 |" in rows[2]
     fmnist_report.plot(groups, "digits-vgg", "one-pass", tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    fmnist_report.cost_plot(groups, "digits-vgg", "one-pass", tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_later_seeds_run_the_narrowed_methods_and_no_ablation(protocol, tmp_path) -> None:
+    cfg = _config(tmp_path / "run")
+    cfg["seeds"] = [0, 1]
+    cfg["variants"] = {"l1-ft3": {"method": "l1", "finetune": {"epochs": 3}}}
+    cfg["ablation"] = {"models": ["digits-vgg"], "modes": ["one-pass"], "flops_kept": [0.6],
+                       "variants": ["l1-ft3"]}  # fmt: skip
+    cfg["later_seeds"] = {"digits-vgg": {"one-pass": ["eigendamage"]}}
+    by_seed = {s: [k[2:] for k in protocol.cells(cfg) if k[1] == s] for s in (0, 1)}
+    assert [k[2] for k in by_seed[0]] == ["eigendamage", "l1", "l1-ft3", "eigendamage"]
+    assert by_seed[0][-1][0] == "iterative"
+    assert by_seed[1] == [("one-pass", 0.6, "eigendamage")]  # no iterative, no ablation
+
+
+def _record(seed: int, acc: float) -> dict:
+    return {"seed": seed, "pruned": {"test_acc": acc}, "finetune_n": {"test_acc": acc}}
+
+
+def test_verdicts_pair_seeds_and_need_every_seed_to_agree(protocol, monkeypatch) -> None:
+    """Ahead/behind only when every common seed agrees in sign and the mean difference is
+    at least half a point; seeds one side lacks are not compared."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.setdefault("fmnist_protocol", protocol)
+    import fmnist_report
+
+    assert fmnist_report.verdict([1.0, 2.0, 0.5]) == "ahead"
+    assert fmnist_report.verdict([1.0, -0.2, 3.0]) == "level"  # one seed disagrees
+    assert fmnist_report.verdict([-0.3, -0.4]) == "level"  # below half a point
+    assert fmnist_report.verdict([-1.0]) == "behind"
+    key = ("m", "one-pass", 0.5)
+    groups = {
+        (*key, "eigendamage"): [_record(0, 0.80), _record(1, 0.90), _record(2, 0.85)],
+        (*key, "l1"): [_record(0, 0.78), _record(1, 0.88)],  # seed 2 missing
+        (*key, "tp-l1"): [_record(0, 0.82), _record(1, 0.93), _record(2, 0.86)],
+        (*key, "tp-random"): [_record(0, 0.70)],
+    }
+    rows = fmnist_report.verdicts(groups, "m", "one-pass", "finetune_n")
+    assert rows[2] == ("| 0.5 | 3 | l1 +2.0 ± 0.0 (2), tp-random +10.0 (1) | – | "
+                       "tp-l1 -2.0 ± 1.0 (3) | tp-l1: behind |")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["fmnist_cpu.json", "fmnist_gpu.json"])

@@ -253,6 +253,37 @@ def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> 
     plt.close(fig)
 
 
+def widths(
+    cfg: dict[str, Any], groups: dict[tuple, list[dict]], model: str, kept: float
+) -> list[str]:
+    """Channels (EigenDamage: S-basis directions of the core) each method keeps per conv,
+    one-pass, first seed: where a criterion spends its budget, read off the recorded
+    pruned architectures (modules absent from one kept their width)."""
+    import torch
+
+    from eigendamage.models import create_model
+
+    base = create_model(model, num_classes=10, in_channels=1, **cfg["models"][model])
+    convs = [(n, m.out_channels) for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    seed = cfg["seeds"][0]
+    lines = [f"| method | kept of {' '.join(str(w) for _, w in convs)} |", "|---|---|"]
+    for (m, md, k, name), recs in sorted(groups.items()):
+        rec = next((r for r in recs if r["seed"] == seed and "architecture" in r), None)
+        if (m, md, k) != (model, "one-pass", kept) or name in VARIANTS or rec is None:
+            continue
+        modules = rec["architecture"]["modules"]
+        kept_widths = []
+        for conv, width in convs:
+            spec = modules.get(conv, {"type": "unchanged"})
+            if spec["type"] == "KFEBottleneck":
+                width = spec["children"]["core"]["args"]["out_channels"]
+            elif spec["type"] == "Conv2d":
+                width = spec["args"]["out_channels"]
+            kept_widths.append(str(width))
+        lines.append(f"| {name} | {' '.join(kept_widths)} |")
+    return lines
+
+
 def _ft_label(cfg: dict[str, Any], mode: str) -> str:
     settings = cfg["iterative"] if mode == "iterative" else cfg["one_pass"]
     return f"{settings['finetune']['epochs']} fine-tuning epochs"
@@ -336,6 +367,11 @@ def main() -> None:
                       f"After {_ft_label(cfg, mode)}:", "",
                       *verdicts(groups, model, mode, "finetune_n"), "",
                       f"![{model} {mode}, cost]({cost})"]  # fmt: skip
+    for model in cfg["models"]:
+        rows = widths(cfg, groups, model, 0.15)
+        if len(rows) > 2:
+            lines += ["", f"## Where each method spends the budget: {model}, one-pass, FLOPs "
+                      f"kept 0.15, seed {cfg['seeds'][0]}", "", *rows]  # fmt: skip
     if VARIANTS:
         lines += ["", "## Ablation: what changes EigenDamage's accuracy", "",
                   *ablation(cfg, groups, expected)]  # fmt: skip

@@ -71,8 +71,7 @@ def cells(cfg: dict[str, Any]) -> Iterator[tuple[str, int, str, float, str]]:
     """Every cell, seed by seed: after the first seed all methods have a first result.
     The ablation's variants follow the main cells of their (seed, model, mode), first seed
     only.  ``later_seeds`` (model -> mode -> methods) narrows the seeds after the first to
-    the methods whose spread the reading needs, ``flops_kept_by_model`` (model -> mode ->
-    budgets) the budgets of a costly (model, mode): the CPU budget."""
+    the methods whose spread the reading needs: the CPU budget."""
     ablation = cfg.get("ablation", {})
     for seed in cfg["seeds"]:
         first = seed == cfg["seeds"][0]
@@ -82,8 +81,7 @@ def cells(cfg: dict[str, Any]) -> Iterator[tuple[str, int, str, float, str]]:
                 methods = cfg.get("methods_by_model", {}).get(model, {}).get(mode, default)
                 if not first and "later_seeds" in cfg:
                     methods = cfg["later_seeds"].get(model, {}).get(mode, [])
-                budgets = cfg.get("flops_kept_by_model", {}).get(model, {}).get(mode)
-                for kept in budgets or cfg["flops_kept"]:
+                for kept in cfg["flops_kept"]:
                     for method in methods:
                         yield model, seed, mode, kept, method
                 in_ablation = model in ablation.get("models", ()) and mode in ablation.get(

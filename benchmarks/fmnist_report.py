@@ -97,7 +97,8 @@ def base_rows(cfg: dict[str, Any]) -> list[str]:
 
 
 def ablation(cfg: dict[str, Any], groups: dict[tuple, list[dict]], expected: dict[tuple, int]):
-    """The ablation's variants beside the method they vary, per budget (mean ± std)."""
+    """The ablation's variants beside the method they vary on the same seeds, per budget
+    (mean ± std)."""
     variants = cfg.get("variants", {})
     lines = ["| model | FLOPs kept | variant | n | after pruning + BN recal. | after N epochs | "
              "params kept % |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -105,11 +106,13 @@ def ablation(cfg: dict[str, Any], groups: dict[tuple, list[dict]], expected: dic
         if name not in variants:
             continue
         base = variants[name]["method"]
-        for label, rows in ((f"{base} (as in the main table)", groups.get((m, md, kept, base), [])),
-                            (name, recs)):  # fmt: skip
+        seeds = {r["seed"] for r in recs}  # the base on the variant's seeds only: paired
+        base_rows = [r for r in groups.get((m, md, kept, base), []) if r["seed"] in seeds]
+        for label, rows, n in ((f"{base} (as in the main table)", base_rows, len(seeds)),
+                               (name, recs, expected[(m, md, kept, name)])):  # fmt: skip
             ok = [r for r in rows if "error" not in r]
             lines.append(
-                f"| {m} | {kept:g} | {label} | {len(ok)}/{expected[(m, md, kept, name)]} | "
+                f"| {m} | {kept:g} | {label} | {len(ok)}/{n} | "
                 f"{_mean_std([r['pruned']['test_acc'] for r in ok])} | "
                 f"{_mean_std([r['finetune_n']['test_acc'] for r in ok if r.get('finetune_n')])} | "
                 f"{_mean_std([r['params_kept'] for r in ok])} |"

@@ -69,9 +69,10 @@ def load_protocol(path: Path) -> dict[str, Any]:
 
 def cells(cfg: dict[str, Any]) -> Iterator[tuple[str, int, str, float, str]]:
     """Every cell, seed by seed: after the first seed all methods have a first result.
-    The ablation's variants follow the main cells of their (seed, model, mode), first seed
-    only.  ``later_seeds`` (model -> mode -> methods) narrows the seeds after the first to
-    the methods whose spread the reading needs: the CPU budget."""
+    The ablation's variants follow the main cells of their (seed, model, mode), on the
+    ablation's ``seeds`` (default: the first seed).  ``later_seeds`` (model -> mode ->
+    methods) narrows the seeds after the first to the methods whose spread the reading
+    needs: the CPU budget."""
     ablation = cfg.get("ablation", {})
     for seed in cfg["seeds"]:
         first = seed == cfg["seeds"][0]
@@ -87,7 +88,7 @@ def cells(cfg: dict[str, Any]) -> Iterator[tuple[str, int, str, float, str]]:
                 in_ablation = model in ablation.get("models", ()) and mode in ablation.get(
                     "modes", ()
                 )
-                if in_ablation and first:
+                if in_ablation and seed in ablation.get("seeds", cfg["seeds"][:1]):
                     for kept in ablation["flops_kept"]:
                         for variant in ablation["variants"]:
                             yield model, seed, mode, kept, variant

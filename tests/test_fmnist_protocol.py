@@ -108,6 +108,8 @@ def test_later_seeds_run_the_narrowed_methods_and_no_ablation(protocol, tmp_path
     assert [k[2] for k in by_seed[0]] == ["eigendamage", "l1", "l1-ft3", "eigendamage"]
     assert by_seed[0][-1][0] == "iterative"
     assert by_seed[1] == [("one-pass", 0.6, "eigendamage")]  # no iterative, no ablation
+    cfg["ablation"]["seeds"] = [0, 1]
+    assert [k[4] for k in protocol.cells(cfg) if k[1] == 1] == ["eigendamage", "l1-ft3"]
 
 
 def _record(seed: int, acc: float) -> dict:

@@ -14,6 +14,8 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +217,21 @@ def _delta_loss(records: list[dict]) -> str:
     return f"{mean('predicted')} / {mean('measured')} ({mean('measured_after_bn_recal')})"
 
 
-def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> None:
-    """Two panels against FLOPs kept: right after pruning (BN recalibrated) and after
-    fine-tuning; mean over seeds with their standard deviation as error bars."""
+@dataclass(frozen=True)
+class Panel:
+    """One panel of a two-panel figure: which accuracy, and where a group's point sits."""
+
+    stage: str  # "pruned" or "finetune_n"
+    x: Callable[[float, list[dict]], float]  # (budget, the group's records) -> x position
+    xlabel: str
+    title: str
+    log_x: bool = True
+
+
+def _draw(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path,
+          panels: tuple[Panel, Panel], ylabel: str) -> None:  # fmt: skip
+    """Accuracy (mean over seeds, their standard deviation as error bars), one line per
+    method, EigenDamage in bold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,34 +240,48 @@ def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     methods = sorted({g[3] for g in groups if g[:2] == (model, mode) and g[3] not in VARIANTS})
     colors = plt.get_cmap("tab20")(range(20))
-    for ax, (stage, label) in zip(axes, (COLUMNS[0], COLUMNS[2]), strict=True):
+    for ax, panel in zip(axes, panels, strict=True):
         for i, method in enumerate(methods):
             points = []
             for (m, md, kept, name), recs in groups.items():
-                accs = [r[stage]["test_acc"] * 100 for r in recs if r.get(stage)]
-                if (m, md, name) == (model, mode, method) and accs:
-                    points.append((kept, accs))
+                ok = [r for r in recs if r.get(panel.stage)]
+                if (m, md, name) != (model, mode, method) or not ok:
+                    continue
+                accs = [r[panel.stage]["test_acc"] * 100 for r in ok]
+                spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                points.append((panel.x(kept, ok), statistics.fmean(accs), spread))
             if not points:
                 continue
             points.sort()
-            ys = [statistics.fmean(a) for _, a in points]
-            es = [statistics.stdev(a) if len(a) > 1 else 0.0 for _, a in points]
             bold = method == "eigendamage"
             ax.errorbar(
-                [k for k, _ in points], ys, yerr=es, capsize=2, label=method,
-                color="black" if bold else colors[i % 20], lw=2.5 if bold else 1,
-                marker="os^vD<>ph*"[i % 10], ms=4,
+                [p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                capsize=2, label=method, color="black" if bold else colors[i % 20],
+                lw=2.5 if bold else 1, marker="os^vD<>ph*"[i % 10], ms=4,
             )  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel("FLOPs kept (target)")
-        ax.set_title(f"{model}, {mode}: {label}", fontsize=9)
+        if panel.log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_title(f"{model}, {mode}: {panel.title}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylabel(ylabel)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _budget(kept: float, _: list[dict]) -> float:
+    return kept
+
+
+def plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> None:
+    """Two panels against FLOPs kept: right after pruning (BN recalibrated) and after
+    fine-tuning."""
+    panels = tuple(Panel(stage, _budget, "FLOPs kept (target)", label)
+                   for stage, label in (COLUMNS[0], COLUMNS[2]))  # fmt: skip
+    _draw(groups, model, mode, path, panels, "test accuracy (%)")
 
 
 def widths(
@@ -294,50 +322,15 @@ def _ft_label(cfg: dict[str, Any], mode: str) -> str:
 
 def cost_plot(groups: dict[tuple, list[dict]], model: str, mode: str, path: Path) -> None:
     """Accuracy after fine-tuning against what a user pays: params kept and measured
-    batch-64 latency (one thread), one point per (method, budget) with seed error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    methods = sorted({g[3] for g in groups if g[:2] == (model, mode) and g[3] not in VARIANTS})
-    colors = plt.get_cmap("tab20")(range(20))
-    xs = (("params_kept", "params kept (fraction, log)"),
-          ("latency_b64", "latency at batch 64, one thread (ms)"))  # fmt: skip
-    for ax, (key, label) in zip(axes, xs, strict=True):
-        for i, method in enumerate(methods):
-            pts = []
-            for (m, md, _k, name), recs in groups.items():
-                ok = [r for r in recs if "error" not in r and r.get("finetune_n")]
-                if (m, md, name) != (model, mode, method) or not ok:
-                    continue
-                x = [r["params_kept"] if key == "params_kept" else r["latency_ms"]["b64"]
-                     for r in ok]  # fmt: skip
-                y = [r["finetune_n"]["test_acc"] * 100 for r in ok]
-                sd = statistics.stdev(y) if len(y) > 1 else 0.0
-                pts.append((statistics.fmean(x), statistics.fmean(y), sd))
-            if not pts:
-                continue
-            pts.sort()
-            bold = method == "eigendamage"
-            ax.errorbar(
-                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=2,
-                label=method, color="black" if bold else colors[i % 20], lw=2.5 if bold else 1,
-                marker="os^vD<>ph*"[i % 10], ms=4,
-            )  # fmt: skip
-        if key == "params_kept":
-            ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy after fine-tuning (%)")
-    axes[0].set_title(f"{model}, {mode}: accuracy against parameters", fontsize=9)
-    axes[1].set_title(f"{model}, {mode}: accuracy against measured latency", fontsize=9)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    batch-64 latency (one thread), one point per (method, budget)."""
+    panels = (
+        Panel("finetune_n", lambda _, ok: statistics.fmean(r["params_kept"] for r in ok),
+              "params kept (fraction, log)", "accuracy against parameters"),
+        Panel("finetune_n", lambda _, ok: statistics.fmean(r["latency_ms"]["b64"] for r in ok),
+              "latency at batch 64, one thread (ms)", "accuracy against measured latency",
+              log_x=False),
+    )  # fmt: skip
+    _draw(groups, model, mode, path, panels, "test accuracy after fine-tuning (%)")
 
 
 def main() -> None:
